@@ -1,0 +1,337 @@
+"""Configuration: one TOML file plus ``TICKETGATE_*`` environment variables.
+
+The TOML names are a public contract (``shared/design.md`` §4): other tools write these files,
+so the models below mirror them exactly and refuse unknown keys instead of silently ignoring a
+typo that would route mail to the wrong place.  Environment variables win over the file, so a
+container can keep one file and change only the URLs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from ingest.errors import ConfigError
+
+DEFAULT_DATA_DIR = Path("var")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ServiceSection(_Strict):
+    base_url: str = "http://127.0.0.1:8080"
+    unknown_sender: Literal["create", "reject"] = "create"
+    reopen_closed: Literal["reopen", "new"] = "reopen"
+    # Which header names the customer.  "from" is what users expect; "reply-to" suits web forms
+    # that send as a no-reply robot with the real customer in Reply-To.
+    sender_address: Literal["from", "reply-to"] = "from"
+    # Subject tag written into replies and recognised on the way back.  "{id}" is the ticket id.
+    subject_tag: str = "[#{id}]"
+    # Domain and secret for the Message-IDs ticketgate would put on its own outgoing mail;
+    # a reply quoting one is evidence that cannot be forged without the secret.
+    message_id_domain: str = "ticketgate.invalid"
+    secret: str = "ticketgate-development-secret"
+    max_message_bytes: int = 30 * 1024 * 1024
+    max_secondary_persons: int = 40
+    default_status: str = "Open"
+    # Replies that quote the ticket's history are stored whole; the visible part is also kept.
+    data_dir: Path = DEFAULT_DATA_DIR
+
+    @field_validator("subject_tag")
+    @classmethod
+    def _tag_has_id(cls, value: str) -> str:
+        if "{id}" not in value:
+            raise ValueError("subject_tag must contain {id}")
+        return value
+
+
+class ApiUser(_Strict):
+    name: str
+    password: str | None = None
+    password_hash: str | None = None
+    token: str | None = None
+
+
+class Associate(_Strict):
+    name: str
+    full_name: str | None = None
+    email: str | None = None
+
+
+class Category(_Strict):
+    name: str
+    active: bool = True
+
+
+class Priority(_Strict):
+    name: str
+    active: bool = True
+    # Autotask-style due date: Deadline = creation time + this many hours (UTC).
+    deadline_hours: float | None = None
+
+
+class Status(_Strict):
+    name: str
+    base_status: Literal["active", "closed", "postponed", "deleted"] = "active"
+    active: bool = True
+
+
+class Contact(_Strict):
+    name: str
+    domains: list[str] = Field(default_factory=list)
+
+    @field_validator("domains")
+    @classmethod
+    def _lower(cls, value: list[str]) -> list[str]:
+        return [d.strip().lower() for d in value]
+
+
+class PersonEntry(_Strict):
+    first_name: str = ""
+    last_name: str = ""
+    email: str
+    contact: str | None = None
+
+
+class Mailbox(_Strict):
+    id: int
+    name: str
+    addresses: list[str] = Field(default_factory=list)
+    accept_any: bool = False
+    category: str | None = None
+    priority: str | None = None
+    owner: str | None = None
+    # Overrides service.unknown_sender for this mailbox (e.g. a partners-only address).
+    unknown_sender: Literal["create", "reject"] | None = None
+    imap: dict[str, Any] | None = None
+
+    @field_validator("addresses")
+    @classmethod
+    def _lower(cls, value: list[str]) -> list[str]:
+        return [a.strip().lower() for a in value]
+
+
+class RuleMatch(_Strict):
+    """Conditions of a rule: every one given must match (regular expressions, ``re.search``)."""
+
+    subject: str | None = None
+    from_: str | None = Field(default=None, alias="from")
+    from_domain: str | None = None
+    to: str | None = None
+    body: str | None = None
+    mailbox: int | list[int] | None = None
+    header: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dotted_headers(cls, data: Any) -> Any:
+        # Accept both `header.X-Foo = "..."` (TOML nests it) and `"header.X-Foo" = "..."`.
+        if isinstance(data, dict):
+            data = dict(data)
+            headers = dict(data.pop("header", {}) or {})
+            for key in [k for k in data if k.startswith("header.")]:
+                headers[key[len("header.") :]] = data.pop(key)
+            data["header"] = headers
+        return data
+
+    @model_validator(mode="after")
+    def _regexes_compile(self) -> RuleMatch:
+        for name, pattern in self.patterns():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{name}: invalid regular expression: {exc}") from exc
+        return self
+
+    def patterns(self) -> list[tuple[str, str]]:
+        found = [
+            (name, value)
+            for name, value in (
+                ("subject", self.subject),
+                ("from", self.from_),
+                ("from_domain", self.from_domain),
+                ("to", self.to),
+                ("body", self.body),
+            )
+            if value is not None
+        ]
+        found += [(f"header.{k}", v) for k, v in self.header.items()]
+        return found
+
+
+class RuleSet(_Strict):
+    category: str | None = None
+    priority: str | None = None
+    owner: str | None = None
+    status: str | None = None
+    tags: list[str] = Field(default_factory=list)
+
+
+class Rule(_Strict):
+    name: str
+    match: RuleMatch = Field(default_factory=RuleMatch)
+    unless: RuleMatch | None = None
+    set: RuleSet = Field(default_factory=RuleSet)
+    action: Literal["ignore", "reject"] | None = None
+    continue_: bool = Field(default=False, alias="continue")
+
+
+DEMO_MAILBOX = Mailbox(id=1, name="Support", accept_any=True, category="General",
+                       priority="Medium", owner="support")
+DEMO_CATEGORY = Category(name="General")
+DEMO_PRIORITY = Priority(name="Medium", deadline_hours=24)
+DEMO_ASSOCIATE = Associate(name="support", full_name="Support Team")
+DEFAULT_STATUSES = [
+    Status(name="Open", base_status="active"),
+    Status(name="Postponed", base_status="postponed"),
+    Status(name="Closed", base_status="closed"),
+]
+
+
+class Settings(BaseSettings):
+    """Everything ticketgate is configured with; build it with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TICKETGATE_", extra="forbid", populate_by_name=True
+    )
+
+    database_url: str | None = None
+    broker_url: str | None = None
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = 2525
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+
+    service: ServiceSection = Field(default_factory=ServiceSection)
+    api_user: list[ApiUser] = Field(default_factory=list)
+    associate: list[Associate] = Field(default_factory=list)
+    category: list[Category] = Field(default_factory=list)
+    priority: list[Priority] = Field(default_factory=list)
+    status: list[Status] = Field(default_factory=list)
+    contact: list[Contact] = Field(default_factory=list)
+    person: list[PersonEntry] = Field(default_factory=list)
+    mailbox: list[Mailbox] = Field(default_factory=list)
+    rule: list[Rule] = Field(default_factory=list)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment first, then the TOML values passed in by load_settings().
+        return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _fill_demo_and_check_references(self) -> Settings:
+        if not self.mailbox:
+            self.mailbox = [DEMO_MAILBOX]
+            self.category = self.category or [DEMO_CATEGORY]
+            self.priority = self.priority or [DEMO_PRIORITY]
+            self.associate = self.associate or [DEMO_ASSOCIATE]
+        if not self.status:
+            self.status = list(DEFAULT_STATUSES)
+        problems: list[str] = []
+        names = {
+            "category": {c.name for c in self.category},
+            "priority": {p.name for p in self.priority},
+            "owner": {a.name for a in self.associate},
+            "status": {s.name for s in self.status},
+            "contact": {c.name for c in self.contact},
+        }
+
+        def check(where: str, kind: str, value: str | None) -> None:
+            if value is not None and value not in names[kind]:
+                problems.append(f"{where}: unknown {kind} {value!r}")
+
+        seen_ids: set[int] = set()
+        for i, box in enumerate(self.mailbox):
+            if box.id in seen_ids:
+                problems.append(f"mailbox[{i}]: duplicate id {box.id}")
+            seen_ids.add(box.id)
+            check(f"mailbox[{i}] ({box.name})", "category", box.category)
+            check(f"mailbox[{i}] ({box.name})", "priority", box.priority)
+            check(f"mailbox[{i}] ({box.name})", "owner", box.owner)
+        for i, rule in enumerate(self.rule):
+            for kind in ("category", "priority", "owner", "status"):
+                check(f"rule[{i}] ({rule.name}).set", kind, getattr(rule.set, kind))
+        for i, person in enumerate(self.person):
+            check(f"person[{i}] ({person.email})", "contact", person.contact)
+        check("service.default_status", "status", self.service.default_status)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.service.data_dir / 'ticketgate.db').as_posix()}"
+
+    @cached_property
+    def mailboxes_by_id(self) -> dict[int, Mailbox]:
+        return {m.id: m for m in self.mailbox}
+
+    def mailbox_for(self, mailbox_id: int) -> Mailbox:
+        try:
+            return self.mailboxes_by_id[mailbox_id]
+        except KeyError:
+            from ingest.errors import UnknownMailbox
+
+            raise UnknownMailbox(f"no mailbox with id {mailbox_id} is configured") from None
+
+    def mailbox_for_address(self, address: str) -> Mailbox | None:
+        """The mailbox that accepts ``address`` (used by the SMTP door for RCPT TO)."""
+        wanted = address.strip().lower()
+        for box in self.mailbox:
+            if wanted in box.addresses:
+                return box
+        for box in self.mailbox:
+            if box.accept_any:
+                return box
+        return None
+
+    @property
+    def own_addresses(self) -> set[str]:
+        return {a for box in self.mailbox for a in box.addresses}
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Read the TOML file (``path`` or ``$TICKETGATE_CONFIG``), apply env, validate.
+
+    Raises :class:`ConfigError` with the offending key, so ``serve`` can refuse to start with a
+    message a person can act on.
+    """
+    path = path or os.environ.get("TICKETGATE_CONFIG")
+    data: dict[str, Any] = {}
+    if path:
+        file = Path(path)
+        try:
+            data = tomllib.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{file}: configuration file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{file}: {exc}") from None
+        if "service" in data and "data_dir" in data["service"]:
+            data["service"]["data_dir"] = (file.parent / data["service"]["data_dir"]).as_posix()
+    data.update(overrides)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            lines.append(f"{where}: {err['msg']}")
+        raise ConfigError(f"{path or 'configuration'}: " + "; ".join(lines)) from None

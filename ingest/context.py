@@ -1,0 +1,94 @@
+"""The typed context every pipeline step reads and extends, and the outcome that ends it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from sqlalchemy.orm import Session
+
+from ingest.config import Mailbox, Settings
+from ingest.models import Contact, InboundMail, Person, Ticket
+from ingest.parse import ParsedMail
+
+Action = Literal["created", "appended", "duplicate", "ignored", "rejected", "quarantined"]
+MailKind = Literal["normal", "auto-reply", "bounce", "bulk"]
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How processing ended.  ``created``/``appended`` come from the store step only."""
+
+    action: Action
+    reason: str | None = None
+    ticket: Ticket | None = None
+    result: dict[str, Any] | None = None  # for duplicates: the first delivery's TicketInfo
+    duplicate_of: int | None = None
+
+
+@dataclass(slots=True)
+class Classification:
+    kind: MailKind = "normal"
+    reasons: list[str] = field(default_factory=list)  # which headers said so
+    referenced_ids: list[str] = field(default_factory=list)  # ids quoted inside a bounce
+
+    @property
+    def is_automatic(self) -> bool:
+        return self.kind != "normal"
+
+
+@dataclass(slots=True)
+class Routing:
+    category: str | None = None
+    priority: str | None = None
+    owner: str | None = None
+    status: str | None = None
+    tags: list[str] = field(default_factory=list)
+    rules: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Trace:
+    """One line per step, stored on the inbound record: the answer to "what happened to my mail"."""
+
+    lines: list[dict[str, Any]] = field(default_factory=list)
+    _started: float = field(default_factory=time.perf_counter)
+
+    def add(self, step: str, note: str, **data: Any) -> None:
+        line: dict[str, Any] = {
+            "step": step,
+            "ms": round((time.perf_counter() - self._started) * 1000, 2),
+            "note": note,
+        }
+        if data:
+            line.update(data)
+        self.lines.append(line)
+
+
+@dataclass(slots=True)
+class MailContext:
+    session: Session
+    settings: Settings
+    mailbox: Mailbox
+    inbound: InboundMail
+    raw: bytes
+    trace: Trace = field(default_factory=Trace)
+    parsed: ParsedMail | None = None
+    classification: Classification = field(default_factory=Classification)
+    ticket: Ticket | None = None  # the existing ticket this mail belongs to, if any
+    threaded_by: list[str] = field(default_factory=list)
+    follow_up_of: int | None = None  # closed ticket whose reply starts a new ticket
+    sender_email: str = ""
+    sender_name: str = ""
+    person: Person | None = None
+    contact: Contact | None = None
+    secondary_persons: list[Person] = field(default_factory=list)
+    routing: Routing = field(default_factory=Routing)
+    note: str | None = None  # a remark that reaches TicketInfo.Reason without ending processing
+
+    @property
+    def mail(self) -> ParsedMail:
+        if self.parsed is None:
+            raise RuntimeError("step ran before parse")
+        return self.parsed

@@ -1,0 +1,48 @@
+"""The error tree.  Every failure ticketgate reports has its own type, so each door can map it to
+the right answer: SMTP 4xx/5xx, HTTP 400/503, a CLI message, or a quarantined record."""
+
+from __future__ import annotations
+
+
+class TicketgateError(Exception):
+    """Base of every error ticketgate raises on purpose."""
+
+
+class ConfigError(TicketgateError):
+    """The configuration file or environment is invalid; the message names the key."""
+
+
+class UnknownMailbox(TicketgateError):
+    """A mail was addressed to a mailbox id that is not configured."""
+
+
+class InvalidMail(TicketgateError):
+    """The bytes given are not an RFC822 message (empty, binary, no header block)."""
+
+
+class MailTooLarge(InvalidMail):
+    """The mail is larger than ``service.max_message_bytes``."""
+
+
+class SpoolError(TicketgateError):
+    """The raw mail could not be stored durably; the caller must not acknowledge it."""
+
+
+class TransientError(TicketgateError):
+    """Worth retrying later: database unreachable, lock timeout, serialization failure."""
+
+
+class PermanentError(TicketgateError):
+    """Retrying cannot help; the mail is quarantined with this error."""
+
+
+class ParseError(PermanentError):
+    """mail-parser could not make sense of the message at all."""
+
+
+class InboundNotFound(TicketgateError):
+    """No inbound record with that id."""
+
+
+class NotQuarantined(TicketgateError):
+    """Only quarantined mails can be replayed from the quarantine."""

@@ -1,0 +1,339 @@
+"""Parsing: raw RFC822 bytes into a :class:`ParsedMail` the pipeline steps can read.
+
+mail-parser does the MIME walk, RFC 2047/2231 header decoding and defect collection.  Two of its
+behaviours are not good enough for a help desk, so they are replaced here:
+
+* body text decoding trusts the declared charset or falls back to UTF-8 with replacement
+  characters; a latin-1 mail without a charset, or an ISO-2022-JP body sent as 7bit, then reads as
+  garbage.  :func:`decode_text` guesses instead (see its docstring);
+* attachments without a file name get random names, which breaks idempotent replays; ours are
+  derived from the part (Content-ID, subject of a forwarded mail, MIME type).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import codecs
+import datetime as dt
+import email.header
+import hashlib
+import mimetypes
+import re
+from dataclasses import dataclass, field
+from email.message import Message as EmailMessage
+from typing import Any
+
+import charset_normalizer
+import mailparser
+import nh3
+from inscriptis import get_text
+
+from ingest import tnef
+from ingest.errors import ParseError
+
+_ADDRESS_RE = re.compile(r"[^@\s<>\"',;]+@[^@\s<>\"',;]+")
+_MSGID_RE = re.compile(r"<([^<>\s]+)>")
+_JIS_ESCAPE = b"\x1b$B"
+_UNSAFE_FILENAME = re.compile(r"[\x00-\x1f\x7f/\\:*?\"<>|]+")
+MAX_FILENAME = 180
+
+
+@dataclass(slots=True)
+class ParsedAttachment:
+    filename: str
+    content_type: str
+    data: bytes
+    content_id: str | None = None
+    inline: bool = False
+    origin: str = "mime"  # mime | tnef
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+
+@dataclass(slots=True)
+class ParsedMail:
+    """What the pipeline knows about one mail after parsing; nothing here touches the database."""
+
+    message: EmailMessage
+    subject: str
+    message_id: str | None
+    in_reply_to: list[str]
+    references: list[str]
+    from_name: str
+    from_address: str
+    reply_to: list[tuple[str, str]]
+    sender: list[tuple[str, str]]
+    to: list[tuple[str, str]]
+    cc: list[tuple[str, str]]
+    date: dt.datetime | None
+    text: str
+    html: str
+    attachments: list[ParsedAttachment] = field(default_factory=list)
+    visible_text: str = ""  # the new part of a reply, without quoted history and signature
+    defects: list[str] = field(default_factory=list)
+    header_block: str = ""
+
+    def header(self, name: str) -> str:
+        """The first value of a header, decoded; empty string when absent."""
+        value = self.message.get(name)
+        return decode_header_value(value) if value is not None else ""
+
+    def headers_all(self, name: str) -> list[str]:
+        return [decode_header_value(v) for v in self.message.get_all(name, [])]
+
+
+def decode_header_value(value: Any) -> str:
+    """RFC 2047 decode one raw header value, never raising."""
+    try:
+        return str(email.header.make_header(email.header.decode_header(str(value))))
+    except Exception:  # malformed encoded-words: keep what is readable
+        return str(value)
+
+
+def decode_text(payload: bytes, declared: str | None) -> str:
+    """Decode a text part as a person would read it.
+
+    Order: the declared charset if Python knows it and the bytes fit it; ISO-2022-JP when its
+    escape sequence is present (mailers often omit the declaration); strict UTF-8; a statistical
+    guess by charset-normalizer; finally Windows-1252, the most common undeclared 8-bit charset in
+    mail, which cannot fail.
+    """
+    if declared:
+        try:
+            codecs.lookup(declared)
+            return payload.decode(declared)
+        except (LookupError, UnicodeDecodeError):
+            pass
+    if _JIS_ESCAPE in payload:
+        try:
+            return payload.decode("iso-2022-jp")
+        except UnicodeDecodeError:
+            pass
+    try:
+        return payload.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    best = charset_normalizer.from_bytes(payload[:65536]).best()
+    if best is not None and best.encoding not in ("utf_8",):
+        try:
+            return payload.decode(best.encoding)
+        except (LookupError, UnicodeDecodeError):
+            pass
+    return payload.decode("cp1252", errors="replace")
+
+
+class _RobustMailParser(mailparser.MailParser):  # type: ignore[misc]
+    """mail-parser with our charset handling for body parts."""
+
+    def _decode_body_payload(self, part: EmailMessage, charset: str, part_index: int) -> str:
+        payload = part.get_payload(decode=True)
+        if not isinstance(payload, bytes) or not payload:
+            return ""
+        return decode_text(payload, part.get_content_charset())
+
+
+def _ids(value: str) -> list[str]:
+    """Message-IDs from In-Reply-To/References, tolerant of missing angle brackets."""
+    if not value:
+        return []
+    found = _MSGID_RE.findall(value)
+    if not found:
+        found = [tok.strip("<>") for tok in value.split() if "@" in tok]
+    return [f for f in found if f]
+
+
+def normalize_message_id(value: str | None) -> str | None:
+    if not value:
+        return None
+    ids = _ids(str(value))
+    if ids:
+        return ids[0][:900]
+    cleaned = str(value).strip().strip("<>").strip()
+    return cleaned[:900] or None
+
+
+def _addresses(parser: Any, name: str) -> list[tuple[str, str]]:
+    try:
+        pairs = getattr(parser, name) or []
+    except Exception:
+        return []
+    out: list[tuple[str, str]] = []
+    for pair in pairs:
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            continue
+        display, address = str(pair[0] or ""), str(pair[1] or "")
+        address = address.strip()
+        if "@" not in address:
+            match = _ADDRESS_RE.search(display)
+            if not match:
+                continue
+            address = match.group(0)
+        out.append((display.strip(), address))
+    return out
+
+
+def safe_filename(name: str) -> str:
+    """A file name that is safe to show and to write anywhere: no path, no control characters."""
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]
+    name = _UNSAFE_FILENAME.sub("_", name).strip(" .")
+    if len(name) > MAX_FILENAME:
+        stem, dot, ext = name.rpartition(".")
+        name = (stem[: MAX_FILENAME - len(ext) - 1] + dot + ext) if dot else name[:MAX_FILENAME]
+    return name or "attachment"
+
+
+def _fallback_name(part: EmailMessage, index: int, content_id: str | None) -> str:
+    ctype = part.get_content_type()
+    if ctype == "message/rfc822":
+        inner = part.get_payload()
+        subject = ""
+        if isinstance(inner, list) and inner:
+            subject = decode_header_value(inner[0].get("Subject", ""))
+        return safe_filename((subject or "forwarded-message")[:100]) + ".eml"
+    ext = mimetypes.guess_extension(ctype) or ".bin"
+    if content_id:
+        return safe_filename(content_id.split("@", 1)[0] + ext)
+    return f"attachment-{index}{ext}"
+
+
+def _part_bytes(part: EmailMessage) -> bytes:
+    if part.get_content_type() == "message/rfc822":
+        inner = part.get_payload()
+        if isinstance(inner, list) and inner:
+            try:
+                return inner[0].as_bytes()
+            except Exception:
+                return inner[0].as_string().encode("utf-8", "surrogateescape")
+    try:
+        data = part.get_payload(decode=True)
+    except (binascii.Error, ValueError):
+        data = None
+    if isinstance(data, bytes):
+        return data
+    raw = part.get_payload()
+    if isinstance(raw, str):
+        try:
+            return base64.b64decode(raw, validate=False)
+        except binascii.Error:
+            return raw.encode("utf-8", "surrogateescape")
+    return b""
+
+
+def _walk_attachments(message: EmailMessage) -> list[ParsedAttachment]:
+    """Every part that is not the body: files, inline images, attached mails (kept whole)."""
+    found: list[ParsedAttachment] = []
+    skip: set[int] = set()
+    for index, part in enumerate(message.walk()):
+        if id(part) in skip:
+            continue
+        ctype = part.get_content_type()
+        if ctype == "message/rfc822" or ctype == "text/rfc822-headers":
+            payload = part.get_payload()
+            if isinstance(payload, list):
+                for inner in payload:
+                    skip.update(id(p) for p in inner.walk())
+        elif part.is_multipart():
+            continue
+        disposition = (part.get_content_disposition() or "").lower()
+        try:
+            raw_name = part.get_filename()
+        except Exception:
+            raw_name = None
+        filename = decode_header_value(raw_name) if raw_name else None
+        if ctype in ("text/plain", "text/html") and not filename and disposition != "attachment":
+            continue
+        if ctype in ("message/delivery-status", "message/disposition-notification") and (
+            disposition != "attachment"
+        ):
+            continue
+        content_id = normalize_message_id(part.get("Content-ID"))
+        data = _part_bytes(part)
+        name = safe_filename(filename) if filename else _fallback_name(part, index, content_id)
+        inline = disposition == "inline" or (content_id is not None and disposition != "attachment")
+        if tnef.is_tnef(ctype, name):
+            unpacked = tnef.unpack(data)
+            if unpacked is not None:
+                found.extend(unpacked)
+                continue
+        found.append(
+            ParsedAttachment(
+                filename=name,
+                content_type=ctype,
+                data=data,
+                content_id=content_id,
+                inline=inline,
+            )
+        )
+    return found
+
+
+def html_to_text(html: str) -> str:
+    try:
+        text = get_text(html)
+    except Exception:
+        text = re.sub(r"<[^>]+>", " ", html)
+    lines = [line.rstrip() for line in text.splitlines()]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def sanitize_html(html: str) -> str:
+    """Stored HTML is what nh3 (Ammonia) lets through: no script, no handlers, no remote forms."""
+    return nh3.clean(html, url_schemes={"http", "https", "mailto", "cid", "tel"})
+
+
+def parse_mail(raw: bytes) -> ParsedMail:
+    """Parse raw bytes; raises :class:`ParseError` when nothing mail-like can be read."""
+    try:
+        parser = _RobustMailParser.from_bytes(raw)
+    except Exception as exc:  # mail-parser raises many types on hostile input
+        raise ParseError(f"mail could not be parsed: {type(exc).__name__}: {exc}") from exc
+    message: EmailMessage = parser.message
+    froms = _addresses(parser, "from_")
+    sender = _addresses(parser, "sender")
+    if not froms:
+        froms = sender
+    from_name, from_address = froms[0] if froms else ("", "")
+    plain = [t for t in parser.text_plain if t and t.strip()]
+    html_parts = [t for t in parser.text_html if t and t.strip()]
+    html = "\n".join(html_parts)
+    text = "\n\n".join(t.strip("\n") for t in plain) if plain else html_to_text(html)
+    attachments = _walk_attachments(message)
+    tnef_body = next((a for a in attachments if a.origin == "tnef-body"), None)
+    if tnef_body is not None:
+        attachments.remove(tnef_body)
+        if not text.strip():
+            text = decode_text(tnef_body.data, None)
+    date = None
+    try:
+        date_value = parser.date
+        if isinstance(date_value, dt.datetime):
+            date = date_value if date_value.tzinfo else date_value.replace(tzinfo=dt.UTC)
+    except Exception:
+        date = None
+    header_block = "".join(f"{k}: {v}\n" for k, v in message.items())
+    defects = []
+    for entry in parser.defects or []:
+        for key, values in entry.items():
+            defects.extend(f"{key}: {v}" for v in values)
+    return ParsedMail(
+        message=message,
+        subject=" ".join(decode_header_value(message.get("Subject", "")).split()),
+        message_id=normalize_message_id(message.get("Message-ID")),
+        in_reply_to=_ids(str(message.get("In-Reply-To", "") or "")),
+        references=_ids(" ".join(str(v) for v in message.get_all("References", []))),
+        from_name=from_name,
+        from_address=from_address.lower(),
+        reply_to=_addresses(parser, "reply_to"),
+        sender=sender,
+        to=_addresses(parser, "to"),
+        cc=_addresses(parser, "cc"),
+        date=date,
+        text=text,
+        html=sanitize_html(html) if html else "",
+        attachments=attachments,
+        defects=defects,
+        header_block=header_block,
+    )

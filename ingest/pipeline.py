@@ -1,0 +1,232 @@
+"""The flow of one mail, top to bottom.  Read this file first.
+
+    spool record ──> dedupe ─> limits ─> parse ─> classify ─> thread ─> automail ─> sender ─> route
+                                                                                              │
+                       TicketInfo <── inbound record's final state <── store (one transaction)┘
+
+Each step takes the :class:`~ingest.context.MailContext`, adds to it, and returns ``None`` to go on
+or an :class:`~ingest.context.Outcome` to end processing with a reason.  Whatever happens, the
+inbound record ends in exactly one final state, in the same transaction as the ticket rows:
+``created``, ``appended``, ``duplicate``, ``ignored``, ``rejected``, or, when a step raises,
+``quarantined`` with the error (replayable with ``ticketgate quarantine replay``).
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session
+
+from ingest.context import MailContext, Outcome, Trace
+from ingest.errors import InboundNotFound, TransientError
+from ingest.models import FINAL_STATES, InboundMail, utcnow
+from ingest.reply import visible_reply
+from ingest.spool import dedupe_claim
+from ingest.steps.automail import stop_unreferenced_automatic_mail
+from ingest.steps.classify import classify
+from ingest.steps.dedupe import drop_duplicate
+from ingest.steps.limits import enforce_size
+from ingest.steps.parsing import parse
+from ingest.steps.routing import route
+from ingest.steps.sender import identify_sender
+from ingest.steps.store import store_ticket
+from ingest.steps.threading import find_ticket
+from ingest.ticketinfo import TicketInfo, ticket_info
+
+if TYPE_CHECKING:
+    from ingest.service import Ingestor
+
+log = logging.getLogger("ticketgate.pipeline")
+
+Step = Callable[[MailContext], Outcome | None]
+
+STEPS: tuple[Step, ...] = (
+    drop_duplicate,  # a second delivery returns the first result
+    enforce_size,  # oversized mail is rejected before it is parsed
+    parse,  # mail-parser; charsets, HTML, TNEF
+    classify,  # loops end here; auto-replies, bounces, bulk are labelled
+    find_ticket,  # In-Reply-To, References, signed Message-IDs, trusted subject tags
+    stop_unreferenced_automatic_mail,  # labelled mail never opens a ticket
+    identify_sender,  # person, company, Cc; unknown senders per policy
+    route,  # mailbox defaults and [[rule]]s, for new tickets
+)
+MAX_KEY_RACES = 3
+
+
+def run_steps(ctx: MailContext, ingestor: Ingestor) -> Outcome:
+    for step in STEPS:
+        outcome = step(ctx)
+        if outcome is not None:
+            return outcome
+    ctx.mail.visible_text = visible_reply(ctx.mail.text)
+    return store_ticket(ctx, ingestor.reference)
+
+
+def record_outcome(ctx: MailContext, outcome: Outcome, ingestor: Ingestor) -> TicketInfo:
+    """Write the final state onto the inbound record and build the TicketInfo."""
+    inbound = ctx.inbound
+    settings = ingestor.settings
+    if outcome.action == "duplicate":
+        first = dict(outcome.result or {})
+        first.pop("Action", None)
+        first.pop("Reason", None)
+        first.pop("InboundId", None)
+        info = TicketInfo(**first, Action="duplicate", Reason=outcome.reason, InboundId=inbound.id)
+        inbound.duplicate_of_id = outcome.duplicate_of
+    else:
+        info = ticket_info(
+            action=outcome.action,
+            reason=outcome.reason,
+            message_id=ctx.parsed.message_id if ctx.parsed else inbound.header_message_id,
+            inbound_id=inbound.id,
+            ticket=outcome.ticket,
+            ref=ingestor.reference,
+            base_url=settings.service.base_url,
+            tag_template=settings.service.subject_tag,
+            threaded_by=ctx.threaded_by if outcome.action == "appended" else None,
+        )
+        inbound.dedupe_claim = dedupe_claim(inbound.mailbox_id, inbound.idempotency_key)
+    if info.MessageId is None:
+        info.MessageId = inbound.header_message_id
+    inbound.state = outcome.action
+    inbound.reason = outcome.reason
+    inbound.error = None
+    inbound.ticket_id = info.TicketId or None
+    inbound.trace = ctx.trace.lines
+    inbound.result = info.model_dump()
+    inbound.processed_at = utcnow()
+    inbound.attempts = (inbound.attempts or 0) + 1
+    return info
+
+
+def _process_in(session: Session, inbound: InboundMail, raw: bytes, ingestor: Ingestor
+                ) -> tuple[TicketInfo, MailContext]:
+    ctx = MailContext(
+        session=session,
+        settings=ingestor.settings,
+        mailbox=ingestor.settings.mailbox_for(inbound.mailbox_id),
+        inbound=inbound,
+        raw=raw,
+    )
+    try:
+        outcome = run_steps(ctx, ingestor)
+    except Exception as exc:
+        exc.trace = ctx.trace  # type: ignore[attr-defined]  # kept for the quarantine record
+        raise
+    info = record_outcome(ctx, outcome, ingestor)
+    session.flush()
+    return info, ctx
+
+
+def process_inbound(ingestor: Ingestor, inbound_id: int) -> TicketInfo:
+    """Process a spooled record (SMTP, IMAP, worker and sweep path).  Idempotent."""
+    for _race in range(MAX_KEY_RACES):
+        with ingestor.sessions() as session:
+            try:
+                inbound = session.get(InboundMail, inbound_id, with_for_update=True)
+                if inbound is None:
+                    raise InboundNotFound(f"no inbound mail {inbound_id}")
+                if inbound.state in FINAL_STATES:
+                    return TicketInfo(**inbound.result) if inbound.result else _stateless(inbound)
+                info, ctx = _process_in(session, inbound, inbound.raw, ingestor)
+                session.commit()
+                _log(info)
+                return info
+            except IntegrityError:
+                session.rollback()  # another worker took the same key or person; look again
+                continue
+            except OperationalError as exc:
+                session.rollback()
+                raise TransientError(f"database unavailable: {exc.orig}") from exc
+            except (InboundNotFound, TransientError):
+                raise
+            except Exception as exc:
+                session.rollback()
+                return quarantine(ingestor, inbound_id, exc)
+    raise TransientError(f"inbound mail {inbound_id}: lost {MAX_KEY_RACES} races, retry later")
+
+
+def process_new(ingestor: Ingestor, inbound: InboundMail) -> TicketInfo:
+    """Spool and process in one transaction (replay and other in-process callers).
+
+    The caller holds the bytes and acknowledges nothing before this returns, so the spool record
+    and the result can share one commit; if processing fails, the record is written on its own
+    as ``quarantined`` so nothing is lost.
+    """
+    raw = inbound.raw
+    for _race in range(MAX_KEY_RACES):
+        with ingestor.sessions() as session:
+            try:
+                session.add(inbound)
+                session.flush()
+                info, _ctx = _process_in(session, inbound, raw, ingestor)
+                session.commit()
+                _log(info)
+                return info
+            except IntegrityError:
+                session.rollback()
+                inbound = _fresh_copy(inbound, raw)
+                continue
+            except OperationalError as exc:
+                session.rollback()
+                raise TransientError(f"database unavailable: {exc.orig}") from exc
+            except Exception as exc:
+                session.rollback()
+                inbound = _fresh_copy(inbound, raw)
+                with ingestor.sessions() as spool_session:
+                    spool_session.add(inbound)
+                    spool_session.commit()
+                    inbound_id = inbound.id
+                return quarantine(ingestor, inbound_id, exc)
+    raise TransientError("lost too many races on the same mail; retry later")
+
+
+def _fresh_copy(inbound: InboundMail, raw: bytes) -> InboundMail:
+    copy = InboundMail(
+        mailbox_id=inbound.mailbox_id, door=inbound.door, source=inbound.source, raw=raw,
+        size=inbound.size, sha256=inbound.sha256, header_message_id=inbound.header_message_id,
+        idempotency_key=inbound.idempotency_key, envelope_from=inbound.envelope_from,
+        envelope_to=list(inbound.envelope_to or []), client_ip=inbound.client_ip,
+        helo=inbound.helo, state="received", trace=[],
+    )
+    return copy
+
+
+def quarantine(ingestor: Ingestor, inbound_id: int, exc: BaseException) -> TicketInfo:
+    """Record the failure on the spooled mail; the raw bytes stay for ``quarantine replay``."""
+    trace: Trace = getattr(exc, "trace", None) or Trace()
+    error = f"{type(exc).__name__}: {exc}"
+    trace.add("quarantine", error, traceback=traceback.format_exception(exc)[-3:])
+    log.warning("inbound %s quarantined: %s", inbound_id, error)
+    with ingestor.sessions() as session:
+        inbound = session.get(InboundMail, inbound_id, with_for_update=True)
+        if inbound is None:
+            raise InboundNotFound(f"no inbound mail {inbound_id}") from exc
+        info = TicketInfo(
+            Action="quarantined", Reason=error[:2000], MessageId=inbound.header_message_id,
+            InboundId=inbound.id,
+        )
+        inbound.state = "quarantined"
+        inbound.reason = "processing failed"
+        inbound.error = error[:10000]
+        inbound.trace = trace.lines
+        inbound.result = info.model_dump()
+        inbound.processed_at = utcnow()
+        inbound.attempts = (inbound.attempts or 0) + 1
+        session.commit()
+    return info
+
+
+def _stateless(inbound: InboundMail) -> TicketInfo:
+    return TicketInfo(Action=inbound.state, Reason=inbound.reason, InboundId=inbound.id,
+                      MessageId=inbound.header_message_id, TicketId=inbound.ticket_id or 0)
+
+
+def _log(info: TicketInfo) -> None:
+    log.info("inbound %s %s ticket=%s %s", info.InboundId, info.Action, info.TicketId or "-",
+             info.Reason or "")
+

@@ -1,0 +1,108 @@
+"""The entry point of the library: one :class:`Ingestor` per process.
+
+Doors (SMTP, IMAP, HTTP, replay, the Celery task) call :meth:`Ingestor.receive` to spool and
+:meth:`Ingestor.process` to run the pipeline, or :meth:`Ingestor.ingest` for both at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from ingest import pipeline, schema, spool
+from ingest.config import Settings
+from ingest.db import make_engine, make_session_factory
+from ingest.errors import InboundNotFound, InvalidMail, NotQuarantined, UnknownMailbox
+from ingest.models import InboundMail, utcnow
+from ingest.reference import Reference, sync_reference
+from ingest.spool import Envelope
+from ingest.ticketinfo import TicketInfo
+
+
+class RecordedError(InvalidMail):
+    """Input refused before processing; the refusal itself is recorded under ``inbound_id``."""
+
+    def __init__(self, message: str, inbound_id: int, info: TicketInfo) -> None:
+        super().__init__(message)
+        self.inbound_id = inbound_id
+        self.info = info
+
+
+class Ingestor:
+    def __init__(self, settings: Settings, *, engine: Engine | None = None,
+                 upgrade_schema: bool = True) -> None:
+        self.settings = settings
+        self.engine = engine or make_engine(settings.effective_database_url)
+        self.sessions = make_session_factory(self.engine)
+        if upgrade_schema:
+            schema.upgrade(self.engine)
+        with self.sessions() as session:
+            self.reference: Reference = sync_reference(session, settings)
+            session.commit()
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self.sessions() as session:
+            yield session
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # --- doors ---------------------------------------------------------------------------
+
+    def receive(self, raw: bytes, mailbox_id: int, door: str, source: str = "",
+                envelope: Envelope | None = None) -> int:
+        """Durably spool a mail and return its inbound id.  Acknowledge only after this returns.
+
+        Raises :class:`~ingest.errors.SpoolError` when the database refuses the write.
+        """
+        inbound = spool.new_inbound(raw, mailbox_id, door, source, envelope)
+        with self.sessions() as session:
+            return spool.store(session, inbound)
+
+    def process(self, inbound_id: int) -> TicketInfo:
+        return pipeline.process_inbound(self, inbound_id)
+
+    def ingest(self, raw: bytes, mailbox_id: int, door: str = "replay", source: str = "",
+               envelope: Envelope | None = None) -> TicketInfo:
+        """Spool and process in one go.  Unknown mailboxes and non-mail data are recorded as
+        ``rejected`` and raised as :class:`RecordedError`."""
+        inbound = spool.new_inbound(raw, mailbox_id, door, source, envelope)
+        try:
+            self.settings.mailbox_for(mailbox_id)
+            spool.check_rfc822(raw)
+        except (UnknownMailbox, InvalidMail) as exc:
+            info = self._record_refusal(inbound, str(exc))
+            raise RecordedError(str(exc), info.InboundId or 0, info) from exc
+        return pipeline.process_new(self, inbound)
+
+    def _record_refusal(self, inbound: InboundMail, reason: str) -> TicketInfo:
+        with self.sessions() as session:
+            session.add(inbound)
+            session.flush()
+            info = TicketInfo(Action="rejected", Reason=reason, InboundId=inbound.id,
+                              MessageId=inbound.header_message_id)
+            inbound.state = "rejected"
+            inbound.reason = reason
+            inbound.result = info.model_dump()
+            inbound.processed_at = utcnow()
+            inbound.trace = [{"step": "receive", "ms": 0, "note": reason}]
+            session.commit()
+            return info
+
+    # --- quarantine ----------------------------------------------------------------------
+
+    def replay_quarantined(self, inbound_id: int) -> TicketInfo:
+        with self.sessions() as session:
+            inbound = session.get(InboundMail, inbound_id, with_for_update=True)
+            if inbound is None:
+                raise InboundNotFound(f"no inbound mail {inbound_id}")
+            if inbound.state != "quarantined":
+                raise NotQuarantined(f"inbound mail {inbound_id} is {inbound.state}, not quarantined")
+            inbound.state = "received"
+            inbound.result = None
+            session.commit()
+        return self.process(inbound_id)

@@ -1,0 +1,105 @@
+"""The durable spool: the raw mail and its envelope, committed before any door says "accepted".
+
+The record is the unit of idempotency.  Its key is the Message-ID (per mailbox), or the SHA-256 of
+the raw bytes when there is none (design.md, invariant 2); the key is computed from the header
+block alone so that receiving stays cheap even for a 30 MB mail.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from ingest.errors import InvalidMail, SpoolError
+from ingest.models import InboundMail
+from ingest.parse import normalize_message_id
+
+_HEADER_PARSER = BytesHeaderParser(policy=compat32)
+MAX_KEY_MESSAGE_ID = 250
+
+
+@dataclass(slots=True)
+class Envelope:
+    """What the door knew besides the bytes (SMTP: MAIL FROM, RCPT TO, peer; IMAP: uid...)."""
+
+    mail_from: str | None = None
+    rcpt_to: list[str] = field(default_factory=list)
+    client_ip: str | None = None
+    helo: str | None = None
+
+
+def header_message_id(raw: bytes) -> str | None:
+    head, _sep, _body = raw.partition(b"\r\n\r\n") if b"\r\n\r\n" in raw else raw.partition(b"\n\n")
+    try:
+        return normalize_message_id(_HEADER_PARSER.parsebytes(head).get("Message-ID"))
+    except Exception:  # a hostile header block still gets a key: the SHA-256
+        return None
+
+
+def idempotency_key(message_id: str | None, sha256: str) -> str:
+    if message_id:
+        if len(message_id) > MAX_KEY_MESSAGE_ID:
+            return "mid-sha256:" + hashlib.sha256(message_id.encode("utf-8", "replace")).hexdigest()
+        return "mid:" + message_id
+    return "sha256:" + sha256
+
+
+def dedupe_claim(mailbox_id: int, key: str) -> str:
+    return f"{mailbox_id}:{key}"
+
+
+def check_rfc822(raw: bytes) -> None:
+    """Refuse what is plainly not a mail, so callers can answer 400/554 instead of storing junk."""
+    if not raw or not raw.strip():
+        raise InvalidMail("empty message")
+    head = raw[:4096].lstrip()
+    first_line = head.split(b"\n", 1)[0]
+    if first_line.startswith(b"From ") and b"\n" in head:  # mbox "From " line before headers
+        first_line = head.split(b"\n", 2)[1] if head.count(b"\n") > 1 else b""
+    name, colon, _ = first_line.partition(b":")
+    if not colon or not name or any(c <= 32 or c >= 127 for c in name):
+        raise InvalidMail("data does not start with an RFC822 header line (Name: value)")
+
+
+def new_inbound(
+    raw: bytes,
+    mailbox_id: int,
+    door: str,
+    source: str = "",
+    envelope: Envelope | None = None,
+) -> InboundMail:
+    envelope = envelope or Envelope()
+    sha256 = hashlib.sha256(raw).hexdigest()
+    message_id = header_message_id(raw)
+    return InboundMail(
+        mailbox_id=mailbox_id,
+        door=door,
+        source=source[:2000],
+        raw=raw,
+        size=len(raw),
+        sha256=sha256,
+        header_message_id=message_id,
+        idempotency_key=idempotency_key(message_id, sha256),
+        envelope_from=envelope.mail_from,
+        envelope_to=list(envelope.rcpt_to),
+        client_ip=envelope.client_ip,
+        helo=envelope.helo,
+        state="received",
+        trace=[],
+    )
+
+
+def store(session: Session, inbound: InboundMail) -> int:
+    """Commit the record; raise :class:`SpoolError` (nothing half-written) if that fails."""
+    try:
+        session.add(inbound)
+        session.commit()
+    except SQLAlchemyError as exc:
+        session.rollback()
+        raise SpoolError(f"could not store the mail: {exc.__class__.__name__}: {exc}") from exc
+    return inbound.id

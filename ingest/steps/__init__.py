@@ -1,0 +1,1 @@
+"""Pipeline steps, one job each.  Their order is written once, in :mod:`ingest.pipeline`."""

@@ -1,0 +1,23 @@
+"""Drop a second delivery of a mail already handled for this mailbox (design.md invariant 2)."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+
+from ingest.context import MailContext, Outcome
+from ingest.models import InboundMail
+from ingest.spool import dedupe_claim
+
+
+def drop_duplicate(ctx: MailContext) -> Outcome | None:
+    claim = dedupe_claim(ctx.inbound.mailbox_id, ctx.inbound.idempotency_key)
+    first = ctx.session.scalar(
+        select(InboundMail).where(InboundMail.dedupe_claim == claim, InboundMail.id != ctx.inbound.id)
+    )
+    if first is None:
+        ctx.trace.add("dedupe", f"first delivery of {ctx.inbound.idempotency_key[:80]}")
+        return None
+    reason = f"duplicate of inbound mail {first.id} ({first.state})"
+    ctx.trace.add("dedupe", reason, first_inbound=first.id)
+    result = dict(first.result or {})
+    return Outcome("duplicate", reason, result=result, duplicate_of=first.id)

@@ -1,0 +1,26 @@
+"""Parse the raw bytes and decide which address speaks for the customer."""
+
+from __future__ import annotations
+
+from ingest.context import MailContext, Outcome
+from ingest.parse import parse_mail
+
+
+def parse(ctx: MailContext) -> Outcome | None:
+    mail = parse_mail(ctx.raw)
+    ctx.parsed = mail
+    name, address = mail.from_name, mail.from_address
+    if ctx.settings.service.sender_address == "reply-to" and mail.reply_to:
+        name, address = mail.reply_to[0]
+    if not address and ctx.inbound.envelope_from:
+        address = ctx.inbound.envelope_from
+    ctx.sender_email = address.strip().lower()
+    ctx.sender_name = name.strip()
+    ctx.trace.add(
+        "parse",
+        f"from {ctx.sender_email or '(none)'}; {len(mail.attachments)} attachment(s)",
+        subject=mail.subject[:200],
+        message_id=mail.message_id,
+        defects=len(mail.defects),
+    )
+    return None

@@ -1,0 +1,112 @@
+"""Who wrote the mail: the person (found or created), their company, and the people in Cc."""
+
+from __future__ import annotations
+
+from email.utils import parseaddr
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ingest.context import MailContext, Outcome
+from ingest.models import Contact, ContactDomain, Person
+
+
+def normalize_address(address: str) -> str:
+    """Lower-cased bare address; the display name and angle brackets removed."""
+    _name, bare = parseaddr(address)
+    return (bare or address).strip().strip("<>").lower()
+
+
+def contact_for_domain(session: Session, domain: str) -> Contact | None:
+    """The company owning ``domain`` or a parent of it (mail.techcorp.com -> techcorp.com)."""
+    labels = domain.lower().strip(".").split(".")
+    candidates = [".".join(labels[i:]) for i in range(len(labels) - 1)]
+    if not candidates:
+        return None
+    rows = session.execute(
+        select(ContactDomain.domain, Contact)
+        .join(Contact, Contact.id == ContactDomain.contact_id)
+        .where(ContactDomain.domain.in_(candidates))
+    ).all()
+    by_domain = {d: c for d, c in rows}
+    return next((by_domain[c] for c in candidates if c in by_domain), None)
+
+
+def split_name(display: str, address: str) -> tuple[str, str]:
+    display = display.strip().strip('"').strip()
+    if not display or "@" in display:
+        return address.split("@", 1)[0], ""
+    if "," in display:  # "Thompson, Michael"
+        last, _, first = display.partition(",")
+        return first.strip(), last.strip()
+    first, _, last = display.rpartition(" ")
+    return (first, last) if first else (last, "")
+
+
+def find_or_create_person(
+    session: Session, address: str, display: str, create: bool
+) -> tuple[Person | None, bool]:
+    person = session.scalar(select(Person).where(Person.email == address))
+    if person is not None or not create or "@" not in address:
+        return person, False
+    first, last = split_name(display, address)
+    contact = contact_for_domain(session, address.rpartition("@")[2])
+    person = Person(
+        email=address,
+        first_name=first[:200],
+        last_name=last[:200],
+        contact_id=contact.id if contact else None,
+        origin="mail",
+    )
+    person.contact = contact
+    session.add(person)
+    session.flush()
+    return person, True
+
+
+def identify_sender(ctx: MailContext) -> Outcome | None:
+    if ctx.classification.is_automatic:
+        ctx.trace.add("sender", f"{ctx.classification.kind}: sender not recorded as a person")
+        return None
+    policy = ctx.mailbox.unknown_sender or ctx.settings.service.unknown_sender
+    creating_ticket = ctx.ticket is None
+    address = normalize_address(ctx.sender_email) if ctx.sender_email else ""
+    person, created = find_or_create_person(
+        ctx.session, address, ctx.sender_name, create=policy == "create" or not creating_ticket
+    )
+    if person is None and creating_ticket and policy == "reject":
+        reason = f"unknown sender {address or '(no address)'}: mailbox accepts known persons only"
+        ctx.trace.add("sender", reason)
+        return Outcome("rejected", reason)
+    ctx.person = person
+    if person is not None:
+        ctx.contact = person.contact or contact_for_domain(
+            ctx.session, address.rpartition("@")[2]
+        )
+    ctx.secondary_persons = _secondary_persons(ctx, address, create=policy == "create")
+    ctx.trace.add(
+        "sender",
+        f"{'created' if created else 'found' if person else 'no'} person {address or '-'}",
+        contact=ctx.contact.name if ctx.contact else None,
+        secondary=[p.email for p in ctx.secondary_persons],
+    )
+    return None
+
+
+def _secondary_persons(ctx: MailContext, sender: str, create: bool) -> list[Person]:
+    own = ctx.settings.own_addresses
+    seen = {sender, *own}
+    result: list[Person] = []
+    for display, raw in ctx.mail.to + ctx.mail.cc:
+        address = normalize_address(raw)
+        if address in seen or "@" not in address:
+            continue
+        seen.add(address)
+        if len(result) >= ctx.settings.service.max_secondary_persons:
+            ctx.trace.add("sender", "secondary persons capped",
+                          limit=ctx.settings.service.max_secondary_persons)
+            break
+        person, _ = find_or_create_person(ctx.session, address, display, create)
+        if person is not None:
+            result.append(person)
+    return result

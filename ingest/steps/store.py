@@ -1,0 +1,158 @@
+"""Write the ticket (new) or the message (appended), with its attachments.
+
+Runs inside the same transaction as the inbound record's final state (see
+:func:`ingest.pipeline.process_inbound`), so a crash leaves either everything or nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import insert, update
+from sqlalchemy.exc import IntegrityError
+
+from ingest.context import MailContext, Outcome
+from ingest.models import Attachment, Message, Ticket, TicketNumberCounter, utcnow
+from ingest.reference import Reference
+
+MAX_TITLE = 255
+
+
+def next_ticket_number(ctx: MailContext, now: dt.datetime) -> str:
+    """Autotask-style ``TYYYYMMDD.NNNN`` with a per-UTC-day sequence (seed 004)."""
+    day = now.strftime("%Y%m%d")
+    session = ctx.session
+    for _attempt in range(3):
+        seq = session.execute(
+            update(TicketNumberCounter)
+            .where(TicketNumberCounter.day == day)
+            .values(last=TicketNumberCounter.last + 1)
+            .returning(TicketNumberCounter.last)
+        ).scalar()
+        if seq is not None:
+            return f"T{day}.{seq:04d}"
+        try:
+            with session.begin_nested():
+                session.execute(insert(TicketNumberCounter).values(day=day, last=1))
+            return f"T{day}.0001"
+        except IntegrityError:
+            continue  # another worker created today's row first
+    raise RuntimeError("could not allocate a ticket number")
+
+
+def _new_ticket(ctx: MailContext, ref: Reference, now: dt.datetime) -> Ticket:
+    mail = ctx.mail
+    routing = ctx.routing
+    status_name = routing.status or ctx.settings.service.default_status
+    status_id = ref.statuses.get(status_name)
+    priority_id = ref.priorities.get(routing.priority) if routing.priority else None
+    hours = ref.priority_deadline_hours.get(priority_id) if priority_id else None
+    author = f"{ctx.sender_name} <{ctx.sender_email}>" if ctx.sender_name else ctx.sender_email
+    ticket = Ticket(
+        ticket_number=next_ticket_number(ctx, now),
+        title=(mail.subject or "(no subject)")[:MAX_TITLE],
+        created_at=now,
+        last_changed=now,
+        deadline=now + dt.timedelta(hours=hours) if hours else None,
+        author=author[:400],
+        owned_by_id=ref.associates.get(routing.owner) if routing.owner else None,
+        category_id=ref.categories.get(routing.category) if routing.category else None,
+        priority_id=priority_id,
+        status_id=status_id,
+        base_status=ref.status_base.get(status_id, "active") if status_id else "active",
+        person_id=ctx.person.id if ctx.person else None,
+        contact_id=ctx.contact.id if ctx.contact else None,
+        mailbox_id=ctx.mailbox.id,
+        from_address=ctx.sender_email[:320],
+        tags=list(routing.tags),
+        connect_id=ctx.follow_up_of,
+        description=mail.text[:4000],
+        origin="Mail",
+        slevel="external",
+    )
+    ctx.session.add(ticket)
+    ctx.session.flush()
+    return ticket
+
+
+def _reopen_if_closed(ctx: MailContext, ticket: Ticket, ref: Reference) -> None:
+    if ticket.base_status != "closed" or ctx.classification.is_automatic:
+        return
+    status_id = ref.statuses.get(ctx.settings.service.default_status)
+    ticket.status_id = status_id
+    ticket.base_status = "active"
+    ticket.closed_at = None
+    ticket.reopen_count += 1
+    ctx.trace.add("store", f"ticket {ticket.id} reopened (reopen count {ticket.reopen_count})")
+
+
+def _add_secondary_persons(ctx: MailContext, ticket: Ticket) -> None:
+    present = {p.id for p in ticket.secondary_persons}
+    if ticket.person_id is not None:
+        present.add(ticket.person_id)
+    for person in ctx.secondary_persons:
+        if person.id not in present:
+            ticket.secondary_persons.append(person)
+            present.add(person.id)
+
+
+def store_ticket(ctx: MailContext, ref: Reference) -> Outcome:
+    mail = ctx.mail
+    now = utcnow()
+    if ctx.ticket is None:
+        ticket = _new_ticket(ctx, ref, now)
+        action = "created"
+    else:
+        ticket = ctx.ticket
+        action = "appended"
+        _reopen_if_closed(ctx, ticket, ref)
+    message = Message(
+        ticket_id=ticket.id,
+        inbound_id=ctx.inbound.id,
+        created_at=now,
+        sent_at=mail.date,
+        message_id=mail.message_id,
+        in_reply_to=" ".join(mail.in_reply_to) or None,
+        references=mail.references[:100],
+        subject=mail.subject,
+        from_address=ctx.sender_email[:320],
+        from_name=ctx.sender_name[:400],
+        to=[[n, a] for n, a in mail.to[:200]],
+        cc=[[n, a] for n, a in mail.cc[:200]],
+        headers=mail.header_block,
+        body_text=mail.text,
+        visible_text=mail.visible_text,
+        body_html=mail.html,
+        kind=ctx.classification.kind,
+        author=(ctx.sender_name or ctx.sender_email)[:400],
+        person_id=ctx.person.id if ctx.person and not ctx.classification.is_automatic else None,
+    )
+    ctx.session.add(message)
+    ctx.session.flush()
+    for part in mail.attachments:
+        ctx.session.add(
+            Attachment(
+                message_id=message.id,
+                filename=part.filename[:255],
+                content_type=part.content_type[:255],
+                size=len(part.data),
+                content_id=part.content_id,
+                inline=part.inline,
+                sha256=part.sha256,
+                origin=part.origin,
+                data=part.data,
+            )
+        )
+    ticket.num_messages = (ticket.num_messages or 0) + 1
+    ticket.has_attachment = bool(ticket.has_attachment or mail.attachments)
+    ticket.last_changed = now
+    if not ctx.classification.is_automatic:
+        _add_secondary_persons(ctx, ticket)
+    ctx.inbound.ticket_message_id = message.id
+    ctx.trace.add(
+        "store",
+        f"{action} ticket {ticket.id} ({ticket.ticket_number}), message {message.id}",
+        attachments=[a.filename for a in mail.attachments],
+    )
+    return Outcome(action, ctx.note, ticket=ticket)
+

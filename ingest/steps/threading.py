@@ -1,0 +1,145 @@
+"""Find the existing ticket a mail belongs to, on evidence, and record which evidence matched.
+
+Header evidence (In-Reply-To, References, our signed Message-IDs, the ids quoted in a bounce) is
+trusted: a stranger cannot know them.  Subject evidence (``[#ID]`` tag, ticket number) is easy to
+forge, so on its own it threads only mail from someone the ticket already knows: its person, a
+secondary person, an associate, or an address of the same company.  Zammad threads on any tag and
+RT on tag alone; osTicket's collaborator check is the model here.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+
+from ingest.context import MailContext, Outcome
+from ingest.models import Associate, Message, Person, Ticket
+from ingest.steps.sender import contact_for_domain
+from ingest.tokens import tagged_ticket_ids, ticket_from_message_id, ticket_numbers
+
+HEADER_EVIDENCE = ("in-reply-to", "references", "message-id-token", "bounced-message")
+EVIDENCE_ORDER = (*HEADER_EVIDENCE, "subject-tag", "ticket-number")
+MAX_REFERENCES = 50
+
+
+def _tickets_by_message_ids(ctx: MailContext, ids: list[str]) -> dict[str, int]:
+    ids = list(dict.fromkeys(i for i in ids if i))[:MAX_REFERENCES]
+    if not ids:
+        return {}
+    rows = ctx.session.execute(
+        select(Message.message_id, Message.ticket_id).where(Message.message_id.in_(ids))
+    ).all()
+    return {mid: tid for mid, tid in rows}
+
+
+def _header_candidates(ctx: MailContext) -> dict[str, list[int]]:
+    """Evidence kind -> ticket ids, most specific first (In-Reply-To, then newest Reference)."""
+    mail = ctx.mail
+    service = ctx.settings.service
+    bounced = ctx.classification.referenced_ids
+    known = _tickets_by_message_ids(ctx, mail.in_reply_to + mail.references + bounced)
+    found: dict[str, list[int]] = {}
+
+    def add(kind: str, ticket_id: int | None) -> None:
+        if ticket_id is not None and ticket_id not in found.setdefault(kind, []):
+            found[kind].append(ticket_id)
+
+    for mid in mail.in_reply_to:
+        add("in-reply-to", known.get(mid))
+    for mid in reversed(mail.references):
+        add("references", known.get(mid))
+    for mid in mail.in_reply_to + list(reversed(mail.references)) + bounced:
+        add("message-id-token",
+            ticket_from_message_id(mid, service.secret, service.message_id_domain))
+    for mid in bounced:
+        add("bounced-message", known.get(mid))
+    return {k: v for k, v in found.items() if v}
+
+
+def _subject_candidates(ctx: MailContext) -> dict[str, list[int]]:
+    subject = ctx.mail.subject
+    found: dict[str, list[int]] = {}
+    tagged = tagged_ticket_ids(subject, ctx.settings.service.subject_tag)
+    if tagged:
+        existing = ctx.session.scalars(select(Ticket.id).where(Ticket.id.in_(tagged))).all()
+        if existing:
+            found["subject-tag"] = [t for t in tagged if t in set(existing)]
+    numbers = ticket_numbers(subject)
+    if numbers:
+        ids = ctx.session.scalars(select(Ticket.id).where(Ticket.ticket_number.in_(numbers))).all()
+        if ids:
+            found["ticket-number"] = list(ids)
+    return found
+
+
+def sender_knows_ticket(ctx: MailContext, ticket: Ticket) -> str | None:
+    """Why the sender may thread by subject alone, or None if they may not."""
+    email = ctx.sender_email
+    if not email:
+        return None
+    if ticket.person is not None and ticket.person.email == email:
+        return "sender is the ticket's person"
+    if any(p.email == email for p in ticket.secondary_persons):
+        return "sender is a secondary person on the ticket"
+    if ctx.session.scalar(select(Associate.id).where(Associate.email == email)) is not None:
+        return "sender is an associate"
+    if ticket.contact_id is not None:
+        person = ctx.session.scalar(select(Person).where(Person.email == email))
+        contact_id = person.contact_id if person is not None else None
+        if contact_id is None:
+            contact = contact_for_domain(ctx.session, email.rpartition("@")[2])
+            contact_id = contact.id if contact is not None else None
+        if contact_id == ticket.contact_id:
+            return "sender is from the ticket's company"
+    return None
+
+
+def find_ticket(ctx: MailContext) -> Outcome | None:
+    headers = _header_candidates(ctx)
+    subjects = _subject_candidates(ctx)
+    chosen: int | None = None
+    for kind in HEADER_EVIDENCE:
+        if headers.get(kind):
+            chosen = headers[kind][0]
+            break
+    if chosen is None:
+        for kind in ("subject-tag", "ticket-number"):
+            for candidate in subjects.get(kind, []):
+                ticket = ctx.session.get(Ticket, candidate)
+                if ticket is None:
+                    continue
+                why = sender_knows_ticket(ctx, ticket)
+                if why:
+                    chosen = candidate
+                    ctx.note = None
+                    ctx.trace.add("thread", f"{kind} #{candidate} accepted: {why}")
+                    break
+                ctx.note = (
+                    f"subject tag for ticket {candidate} not trusted: {ctx.sender_email or 'sender'}"
+                    " is neither its person, a Cc on it, an associate, nor from its company"
+                )
+                ctx.trace.add("thread", ctx.note)
+            if chosen is not None:
+                break
+    if chosen is None:
+        ctx.trace.add("thread", "no existing ticket: new ticket", header_evidence=headers,
+                      subject_evidence=subjects)
+        return None
+
+    ctx.threaded_by = [
+        kind for kind in EVIDENCE_ORDER if chosen in headers.get(kind, subjects.get(kind, []))
+    ]
+    conflicting = sorted({t for ids in (*headers.values(), *subjects.values()) for t in ids}
+                         - {chosen})
+    ticket = ctx.session.get(Ticket, chosen)
+    if ticket is None:  # pragma: no cover - ids come from the same transaction
+        return None
+    ctx.trace.add("thread", f"ticket {chosen} by {','.join(ctx.threaded_by)}",
+                  other_candidates=conflicting)
+    if ticket.base_status == "closed" and not ctx.classification.is_automatic:
+        if ctx.settings.service.reopen_closed == "new":
+            ctx.follow_up_of = ticket.id
+            ctx.trace.add("thread", f"ticket {ticket.id} is closed: new follow-up ticket")
+            ctx.threaded_by = []
+            return None
+    ctx.ticket = ticket
+    return None
