@@ -132,7 +132,7 @@ def process_inbound(ingestor: Ingestor, inbound_id: int) -> TicketInfo:
                     raise InboundNotFound(f"no inbound mail {inbound_id}")
                 if inbound.state in FINAL_STATES:
                     return TicketInfo(**inbound.result) if inbound.result else _stateless(inbound)
-                info, ctx = _process_in(session, inbound, inbound.raw, ingestor)
+                info, _ctx = _process_in(session, inbound, inbound.raw, ingestor)
                 session.commit()
                 _log(info)
                 return info

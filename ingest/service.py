@@ -101,7 +101,9 @@ class Ingestor:
             if inbound is None:
                 raise InboundNotFound(f"no inbound mail {inbound_id}")
             if inbound.state != "quarantined":
-                raise NotQuarantined(f"inbound mail {inbound_id} is {inbound.state}, not quarantined")
+                raise NotQuarantined(
+                    f"inbound mail {inbound_id} is {inbound.state}, not quarantined"
+                )
             inbound.state = "received"
             inbound.result = None
             session.commit()

@@ -12,7 +12,9 @@ from ingest.spool import dedupe_claim
 def drop_duplicate(ctx: MailContext) -> Outcome | None:
     claim = dedupe_claim(ctx.inbound.mailbox_id, ctx.inbound.idempotency_key)
     first = ctx.session.scalar(
-        select(InboundMail).where(InboundMail.dedupe_claim == claim, InboundMail.id != ctx.inbound.id)
+        select(InboundMail).where(
+            InboundMail.dedupe_claim == claim, InboundMail.id != ctx.inbound.id
+        )
     )
     if first is None:
         ctx.trace.add("dedupe", f"first delivery of {ctx.inbound.idempotency_key[:80]}")

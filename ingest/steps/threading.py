@@ -113,8 +113,9 @@ def find_ticket(ctx: MailContext) -> Outcome | None:
                     ctx.note = None
                     ctx.trace.add("thread", f"{kind} #{candidate} accepted: {why}")
                     break
+                who = ctx.sender_email or "sender"
                 ctx.note = (
-                    f"subject tag for ticket {candidate} not trusted: {ctx.sender_email or 'sender'}"
+                    f"subject tag for ticket {candidate} not trusted: {who}"
                     " is neither its person, a Cc on it, an associate, nor from its company"
                 )
                 ctx.trace.add("thread", ctx.note)
@@ -135,11 +136,14 @@ def find_ticket(ctx: MailContext) -> Outcome | None:
         return None
     ctx.trace.add("thread", f"ticket {chosen} by {','.join(ctx.threaded_by)}",
                   other_candidates=conflicting)
-    if ticket.base_status == "closed" and not ctx.classification.is_automatic:
-        if ctx.settings.service.reopen_closed == "new":
-            ctx.follow_up_of = ticket.id
-            ctx.trace.add("thread", f"ticket {ticket.id} is closed: new follow-up ticket")
-            ctx.threaded_by = []
-            return None
+    if (
+        ticket.base_status == "closed"
+        and not ctx.classification.is_automatic
+        and ctx.settings.service.reopen_closed == "new"
+    ):
+        ctx.follow_up_of = ticket.id
+        ctx.trace.add("thread", f"ticket {ticket.id} is closed: new follow-up ticket")
+        ctx.threaded_by = []
+        return None
     ctx.ticket = ticket
     return None

@@ -1,0 +1,382 @@
+"""Pipeline behaviour, each case on SQLite and on PostgreSQL (the ``db_url`` fixture)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from ingest.models import InboundMail, Message, Person, Ticket
+from ingest.service import Ingestor, RecordedError
+from ingest.tokens import outgoing_message_id
+
+CONFIG = """
+[service]
+base_url = "https://support.example.com"
+unknown_sender = "create"
+reopen_closed = "{reopen}"
+
+[[associate]]
+name = "sarah"
+full_name = "Sarah Johnson"
+email = "sarah@example.com"
+[[associate]]
+name = "tom"
+full_name = "Tom Baker"
+email = "tom@example.com"
+
+[[category]]
+name = "Technical Support"
+[[category]]
+name = "Billing"
+[[category]]
+name = "Security"
+[[priority]]
+name = "Medium"
+deadline_hours = 24
+[[priority]]
+name = "High"
+deadline_hours = 4
+
+[[contact]]
+name = "TechCorp Solutions"
+domains = ["techcorp.com"]
+[[person]]
+first_name = "Michael"
+last_name = "Thompson"
+email = "michael@techcorp.com"
+contact = "TechCorp Solutions"
+
+[[mailbox]]
+id = 1
+name = "Support"
+addresses = ["support@example.com"]
+category = "Technical Support"
+priority = "Medium"
+owner = "sarah"
+[[mailbox]]
+id = 2
+name = "Partners"
+addresses = ["partners@example.com"]
+unknown_sender = "reject"
+
+[[rule]]
+name = "billing"
+match = {{ subject = "(?i)invoice|billing" }}
+unless = {{ from_domain = "^techcorp\\\\.com$" }}
+set = {{ category = "Billing", priority = "High", owner = "tom", tags = ["billing"] }}
+[[rule]]
+name = "urgent-tag"
+match = {{ header = {{ X-Priority = "^1" }} }}
+set = {{ tags = ["urgent"] }}
+continue = true
+[[rule]]
+name = "security"
+match = {{ body = "(?i)password" }}
+set = {{ category = "Security" }}
+[[rule]]
+name = "blocked"
+match = {{ from = "@blocked\\\\.example$" }}
+action = "reject"
+"""
+
+
+def mail(
+    subject: str = "Printer broken",
+    sender: str = "Michael Thompson <michael@techcorp.com>",
+    message_id: str | None = "m1@techcorp.com",
+    body: str = "Hello, the printer on floor 2 is broken.\n",
+    to: str = "support@example.com",
+    **headers: str,
+) -> bytes:
+    lines = [f"From: {sender}", f"To: {to}", f"Subject: {subject}",
+             "Date: Tue, 03 Nov 2026 10:00:00 +0100", "MIME-Version: 1.0",
+             "Content-Type: text/plain; charset=utf-8"]
+    if message_id:
+        lines.append(f"Message-ID: <{message_id}>")
+    lines += [f"{name.replace('_', '-')}: {value}" for name, value in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n" + body).encode()
+
+
+@pytest.fixture
+def ing(make_ingestor: Callable[..., Ingestor], tmp_path: Path) -> Ingestor:
+    return make_ingestor(CONFIG.format(reopen="reopen"), tmp_path)
+
+
+def count(ingestor: Ingestor, model: type) -> int:
+    with ingestor.session() as s:
+        return int(s.scalar(select(func.count()).select_from(model)) or 0)
+
+
+def test_new_ticket_has_seed_fields_number_deadline_and_utc(ing: Ingestor) -> None:
+    info = ing.ingest(mail(), 1)
+    assert info.Action == "created"
+    assert info.TicketId == 1
+    assert info.Title == "Printer broken"
+    assert info.OwnerName == "Sarah Johnson"
+    assert info.CategoryName == "Technical Support"
+    assert info.PriorityName == "Medium"
+    assert info.TicketUrl == "https://support.example.com/ticket/1"
+    assert info.PersonName == "Michael Thompson"
+    assert info.ContactName == "TechCorp Solutions"
+    assert info.MessageId == "m1@techcorp.com"
+    assert re.fullmatch(r"T\d{8}\.0001", info.TicketNumber or "")
+    dump = info.model_dump()
+    for key in ("TicketId", "Title", "OwnerName", "CategoryName", "PriorityName", "TicketUrl",
+                "PersonName", "ContactName", "TableRight", "FieldProperties"):
+        assert key in dump
+    with ing.session() as s:
+        ticket = s.get(Ticket, 1)
+        assert ticket is not None
+        assert ticket.created_at.tzinfo is not None
+        assert ticket.created_at.utcoffset() == dt.timedelta(0)
+        assert ticket.deadline == ticket.created_at + dt.timedelta(hours=24)
+        assert info.TicketNumber == "T" + ticket.created_at.strftime("%Y%m%d") + ".0001"
+        message = ticket.messages[0]
+        assert message.sent_at == dt.datetime(2026, 11, 3, 9, 0, tzinfo=dt.UTC)
+
+
+def test_ticket_numbers_count_up_per_day(ing: Ingestor) -> None:
+    numbers = [ing.ingest(mail(message_id=f"n{i}@x"), 1).TicketNumber for i in range(3)]
+    assert [n.rsplit(".", 1)[1] for n in numbers if n] == ["0001", "0002", "0003"]
+
+
+def test_duplicate_returns_first_result_and_writes_nothing(ing: Ingestor) -> None:
+    first = ing.ingest(mail(), 1)
+    again = ing.ingest(mail() + b"\r\n", 1)  # same Message-ID, different bytes
+    assert again.Action == "duplicate"
+    assert again.TicketId == first.TicketId
+    assert again.InboundId != first.InboundId
+    assert count(ing, Ticket) == 1
+    assert count(ing, Message) == 1
+    # The same mail to another mailbox is a different delivery (key = Message-ID + mailbox).
+    other = ing.ingest(mail(to="partners@example.com"), 2)
+    assert other.Action == "created"
+
+
+def test_missing_message_id_dedupes_by_content(ing: Ingestor) -> None:
+    raw = mail(message_id=None)
+    assert ing.ingest(raw, 1).Action == "created"
+    assert ing.ingest(raw, 1).Action == "duplicate"
+    assert ing.ingest(raw.replace(b"broken", b"fixed"), 1).Action == "created"
+
+
+def test_threading_evidence_is_recorded(ing: Ingestor) -> None:
+    ing.ingest(mail(), 1)
+    by_header = ing.ingest(mail("Re: Printer", message_id="m2@techcorp.com",
+                                In_Reply_To="<m1@techcorp.com>",
+                                References="<m1@techcorp.com>"), 1)
+    assert (by_header.Action, by_header.TicketId) == ("appended", 1)
+    assert by_header.ThreadedBy == "in-reply-to,references"
+    by_number = ing.ingest(mail(f"Re: {by_header.TicketNumber} printer",
+                                message_id="m3@techcorp.com"), 1)
+    assert (by_number.Action, by_number.ThreadedBy) == ("appended", "ticket-number")
+    token = outgoing_message_id(1, ing.settings.service.secret,
+                                ing.settings.service.message_id_domain)
+    by_token = ing.ingest(mail("Re: your request", sender="someone@elsewhere.example",
+                               message_id="m4@elsewhere.example",
+                               In_Reply_To=f"<{token}>"), 1)
+    assert (by_token.Action, by_token.ThreadedBy) == ("appended", "message-id-token")
+    forged = token[:-20] + "0" * 16 + token[-4:]
+    forged_info = ing.ingest(mail("Re: your request", sender="x@elsewhere.example",
+                                  message_id="m5@elsewhere.example",
+                                  In_Reply_To=f"<{forged}>"), 1)
+    assert forged_info.Action == "created"
+    with ing.session() as s:
+        trace = s.get(InboundMail, by_header.InboundId).trace  # type: ignore[union-attr]
+    assert any(line["step"] == "thread" and "in-reply-to" in line["note"] for line in trace)
+
+
+def test_subject_tag_needs_a_sender_the_ticket_knows(ing: Ingestor) -> None:
+    ing.ingest(mail(Cc="Peter <peter@partner.example>"), 1)
+    stranger = ing.ingest(mail("Re: [#1] give me the data", sender="mallory@evil.example",
+                               message_id="s1@evil.example"), 1)
+    assert stranger.Action == "created" and stranger.TicketId != 1
+    assert stranger.ThreadedBy is None
+    assert "subject tag" in (stranger.Reason or "")
+    colleague = ing.ingest(mail("Re: [#1] same here", sender="anna@techcorp.com",
+                                message_id="s2@techcorp.com"), 1)
+    assert (colleague.Action, colleague.TicketId, colleague.ThreadedBy) == (
+        "appended", 1, "subject-tag")
+    cc_person = ing.ingest(mail("Re: [#1]", sender="peter@partner.example",
+                                message_id="s3@partner.example"), 1)
+    assert (cc_person.Action, cc_person.TicketId) == ("appended", 1)
+    agent = ing.ingest(mail("Re: [#1] fixed", sender="tom@example.com",
+                            message_id="s4@example.com"), 1)
+    assert (agent.Action, agent.TicketId) == ("appended", 1)
+
+
+def _close(ing: Ingestor, ticket_id: int) -> None:
+    with ing.session() as s:
+        ticket = s.get(Ticket, ticket_id)
+        assert ticket is not None
+        ticket.base_status = "closed"
+        ticket.status_id = ing.reference.statuses["Closed"]
+        ticket.closed_at = dt.datetime.now(dt.UTC)
+        s.commit()
+
+
+def test_reply_to_closed_ticket_reopens_but_auto_reply_does_not(ing: Ingestor) -> None:
+    ing.ingest(mail(), 1)
+    _close(ing, 1)
+    ooo = ing.ingest(mail("Automatic reply: Printer", message_id="o1@techcorp.com",
+                          In_Reply_To="<m1@techcorp.com>", Auto_Submitted="auto-replied"), 1)
+    assert (ooo.Action, ooo.TicketId) == ("appended", 1)
+    with ing.session() as s:
+        assert s.get(Ticket, 1).base_status == "closed"  # type: ignore[union-attr]
+        kinds = [m.kind for m in s.get(Ticket, 1).messages]  # type: ignore[union-attr]
+    assert kinds == ["normal", "auto-reply"]
+    reply = ing.ingest(mail("Re: Printer", message_id="r1@techcorp.com",
+                            In_Reply_To="<m1@techcorp.com>"), 1)
+    assert (reply.Action, reply.TicketId) == ("appended", 1)
+    with ing.session() as s:
+        ticket = s.get(Ticket, 1)
+        assert ticket is not None
+        assert (ticket.base_status, ticket.reopen_count, ticket.closed_at) == ("active", 1, None)
+
+
+def test_reply_to_closed_ticket_with_policy_new(
+    make_ingestor: Callable[..., Ingestor], tmp_path: Path
+) -> None:
+    ing = make_ingestor(CONFIG.format(reopen="new"), tmp_path)
+    ing.ingest(mail(), 1)
+    _close(ing, 1)
+    reply = ing.ingest(mail("Re: Printer", message_id="r1@techcorp.com",
+                            In_Reply_To="<m1@techcorp.com>"), 1)
+    assert reply.Action == "created" and reply.TicketId == 2
+    with ing.session() as s:
+        assert s.get(Ticket, 2).connect_id == 1  # type: ignore[union-attr]
+        assert s.get(Ticket, 1).base_status == "closed"  # type: ignore[union-attr]
+
+
+def test_unknown_sender_policy_per_mailbox(ing: Ingestor) -> None:
+    created = ing.ingest(mail(sender='"Doe, Jane" <Jane.Doe@Gmail.example>', message_id="u1@g"), 1)
+    assert created.Action == "created" and created.PersonName == "Jane Doe"
+    with ing.session() as s:
+        assert s.scalar(select(Person).where(Person.email == "jane.doe@gmail.example"))
+    refused = ing.ingest(mail(sender="nobody@unknown.example", message_id="u2@g",
+                              to="partners@example.com"), 2)
+    assert refused.Action == "rejected" and "unknown sender" in (refused.Reason or "")
+    known = ing.ingest(mail(message_id="u3@g", to="partners@example.com"), 2)
+    assert known.Action == "created"
+
+
+def test_company_by_domain_and_secondary_persons(ing: Ingestor) -> None:
+    info = ing.ingest(mail(sender="New Person <new@mail.techcorp.com>",
+                           Cc="Peter <peter@techcorp.com>, support@example.com"), 1)
+    assert info.ContactName == "TechCorp Solutions"
+    with ing.session() as s:
+        ticket = s.get(Ticket, info.TicketId)
+        assert ticket is not None
+        assert [p.email for p in ticket.secondary_persons] == ["peter@techcorp.com"]
+
+
+def test_routing_rules_first_match_continue_unless_and_actions(ing: Ingestor) -> None:
+    billing = ing.ingest(mail("Invoice 113 overdue", sender="c@customer.example",
+                              message_id="b1@c", X_Priority="1 (Highest)"), 1)
+    assert (billing.CategoryName, billing.PriorityName, billing.OwnerName) == (
+        "Billing", "High", "Tom Baker")
+    with ing.session() as s:
+        assert s.get(Ticket, billing.TicketId).tags == ["billing"]  # type: ignore[union-attr]
+    exempt = ing.ingest(mail("Invoice question", message_id="b2@techcorp.com"), 1)
+    assert exempt.CategoryName == "Technical Support"  # `unless` matched
+    urgent = ing.ingest(mail("Cannot log in", sender="c@customer.example", message_id="b3@c",
+                             body="My password expired", X_Priority="1"), 1)
+    assert urgent.CategoryName == "Security"  # urgent-tag continued to the next rule
+    with ing.session() as s:
+        assert s.get(Ticket, urgent.TicketId).tags == ["urgent"]  # type: ignore[union-attr]
+    blocked = ing.ingest(mail("Hi", sender="x@blocked.example", message_id="b4@c"), 1)
+    assert blocked.Action == "rejected" and "blocked" in (blocked.Reason or "")
+
+
+def test_loops_bulk_and_automatic_mail_never_open_tickets(ing: Ingestor) -> None:
+    cases = {
+        "own": mail(sender="support@example.com", message_id="l1@x"),
+        "xloop": mail(sender="a@b.example", message_id="l2@x", X_Loop="ticketgate"),
+        "list": mail(sender="news@list.example", message_id="l3@x", List_Id="<news.list>"),
+        "bulk": mail(sender="a@b.example", message_id="l4@x", Precedence="bulk"),
+        "ooo": mail("Out of Office: Printer", sender="a@b.example", message_id="l5@x"),
+        "auto": mail(sender="a@b.example", message_id="l6@x", Auto_Submitted="auto-generated"),
+        "daemon": mail("Undelivered Mail Returned to Sender", sender="MAILER-DAEMON@mx.example",
+                       message_id="l7@x", Return_Path="<>"),
+    }
+    expected = {"own": "loop", "xloop": "loop", "list": "bulk", "bulk": "bulk",
+                "ooo": "auto-reply", "auto": "auto-reply", "daemon": "bounce"}
+    for name, raw in cases.items():
+        info = ing.ingest(raw, 1)
+        assert info.Action == "ignored", name
+        assert (info.Reason or "").startswith(expected[name]), (name, info.Reason)
+    assert count(ing, Ticket) == 0
+
+
+def test_garbage_is_recorded_as_rejected_and_raised(ing: Ingestor) -> None:
+    for data in (b"", b"\x00\x01\x02 binary", b"just some words without headers"):
+        with pytest.raises(RecordedError) as caught:
+            ing.ingest(data, 1)
+        with ing.session() as s:
+            row = s.get(InboundMail, caught.value.inbound_id)
+            assert row is not None and row.state == "rejected" and row.reason
+    with pytest.raises(RecordedError, match="no mailbox"):
+        ing.ingest(mail(), 99)
+
+
+def test_failure_is_quarantined_and_replayable(
+    ing: Ingestor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ingest.steps.routing as routing
+
+    def broken(ctx: object) -> None:
+        raise RuntimeError("routing exploded")
+
+    monkeypatch.setattr("ingest.pipeline.STEPS", tuple(
+        broken if step is routing.route else step for step in __import__(
+            "ingest.pipeline", fromlist=["STEPS"]).STEPS))
+    info = ing.ingest(mail(), 1)
+    assert info.Action == "quarantined" and "routing exploded" in (info.Reason or "")
+    with ing.session() as s:
+        row = s.get(InboundMail, info.InboundId)
+        assert row is not None and row.state == "quarantined" and row.raw == mail()
+        assert row.trace[-1]["step"] == "quarantine"
+        assert [line["step"] for line in row.trace][:3] == ["dedupe", "limits", "parse"]
+    assert count(ing, Ticket) == 0
+    monkeypatch.undo()
+    again = ing.replay_quarantined(info.InboundId or 0)
+    assert again.Action == "created" and again.InboundId == info.InboundId
+    assert ing.ingest(mail(), 1).Action == "duplicate"
+
+
+def test_process_is_idempotent_for_spooled_records(ing: Ingestor) -> None:
+    inbound_id = ing.receive(mail(), 1, door="smtp")
+    first = ing.process(inbound_id)
+    second = ing.process(inbound_id)
+    assert first == second and first.Action == "created"
+    assert count(ing, Message) == 1
+
+
+def test_concurrent_deliveries_of_one_mail_make_one_ticket(ing: Ingestor) -> None:
+    """Eight workers race on the same Message-ID and the same new sender."""
+    ids = [ing.receive(mail(sender="Racer <racer@new.example>"), 1, door="smtp")
+           for _ in range(8)]
+    results: list[str] = []
+    errors: list[BaseException] = []
+
+    def work(inbound_id: int) -> None:
+        try:
+            results.append(ing.process(inbound_id).Action)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sorted(results) == ["created"] + ["duplicate"] * 7
+    assert count(ing, Ticket) == 1
+    assert count(ing, Person) == 2  # the configured Michael and the racer, once

@@ -1,0 +1,182 @@
+"""The ``ticketgate`` command (typer).  Each sub-command builds one Ingestor and drives it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from sqlalchemy import select
+
+from ingest import schema
+from ingest.config import Settings, load_settings
+from ingest.db import make_engine
+from ingest.errors import ConfigError, TicketgateError
+from ingest.models import InboundMail
+from ingest.service import Ingestor, RecordedError
+from ingest.sources import iter_mails
+from ingest.ticketinfo import TicketInfo
+
+app = typer.Typer(help="ticketgate: email-to-ticket ingestion.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+quarantine_app = typer.Typer(help="Mails that failed processing.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(quarantine_app, name="quarantine")
+
+err = Console(stderr=True)
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="TOML configuration file (default: $TICKETGATE_CONFIG)."),
+]
+
+
+def _settings(config: Path | None) -> Settings:
+    try:
+        return load_settings(config)
+    except ConfigError as exc:
+        err.print(f"[red]configuration error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+def _ingestor(config: Path | None) -> Ingestor:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    return Ingestor(_settings(config))
+
+
+def _summary(label: str, info: TicketInfo) -> str:
+    ticket = f"ticket {info.TicketId}" if info.TicketId else "no ticket"
+    extra = info.Reason or info.Title or ""
+    threaded = f" by {info.ThreadedBy}" if info.ThreadedBy else ""
+    return f"{label}\t{info.Action}\t{ticket}{threaded}\t{extra}"
+
+
+@app.command()
+def replay(
+    paths: Annotated[list[Path], typer.Argument(help=".eml files, directories, mbox, Maildir.")],
+    mailbox: Annotated[int, typer.Option("--mailbox", help="Mailbox id to deliver to.")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON TicketInfo per line.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Feed stored mail through the pipeline; prints one TicketInfo per mail.
+
+    Exit status 0 when every mail reached a recorded state, 1 when some input could not be read
+    or was not a mail (each is reported on stderr and the run goes on).
+    """
+    ingestor = _ingestor(config)
+    failures = 0
+    show_progress = err.is_terminal
+    progress = Progress(TextColumn("replay"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=err, disable=not show_progress,
+                        transient=True)
+    with progress:
+        task = progress.add_task("replay", total=None)
+        for item in iter_mails(paths):
+            progress.advance(task)
+            if item.raw is None:
+                failures += 1
+                err.print(f"[red]error[/red] {item.label}: {item.error}")
+                continue
+            try:
+                info = ingestor.ingest(item.raw, mailbox, door="replay", source=item.label)
+            except RecordedError as exc:
+                failures += 1
+                info = exc.info
+                err.print(f"[red]error[/red] {item.label}: {exc} (recorded as inbound "
+                          f"{exc.inbound_id})")
+            except TicketgateError as exc:
+                failures += 1
+                err.print(f"[red]error[/red] {item.label}: {exc}")
+                continue
+            line = info.model_dump_json() if as_json else _summary(item.label, info)
+            print(line, flush=True)  # rich redirects stdout around the bar on a terminal
+    ingestor.close()
+    raise typer.Exit(1 if failures else 0)
+
+
+@db_app.command("upgrade")
+def db_upgrade(config: ConfigOption = None) -> None:
+    """Apply the Alembic migrations to the configured database."""
+    settings = _settings(config)
+    engine = make_engine(settings.effective_database_url)
+    schema.upgrade(engine)
+    print(f"database at revision {schema.current_revision(engine)}")
+    engine.dispose()
+
+
+@quarantine_app.command("list")
+def quarantine_list(config: ConfigOption = None) -> None:
+    """Quarantined mails, oldest first."""
+    ingestor = _ingestor(config)
+    table = Table("id", "received (UTC)", "mailbox", "door", "source", "error")
+    with ingestor.session() as session:
+        rows = session.scalars(
+            select(InboundMail).where(InboundMail.state == "quarantined").order_by(InboundMail.id)
+        )
+        for row in rows:
+            table.add_row(str(row.id), row.received_at.strftime("%Y-%m-%d %H:%M:%S"),
+                          str(row.mailbox_id), row.door, row.source[:40], (row.error or "")[:80])
+    Console().print(table)
+
+
+@quarantine_app.command("show")
+def quarantine_show(inbound_id: int, config: ConfigOption = None) -> None:
+    """Everything recorded about one inbound mail: state, error, trace, headers."""
+    ingestor = _ingestor(config)
+    with ingestor.session() as session:
+        row = session.get(InboundMail, inbound_id)
+        if row is None:
+            err.print(f"[red]no inbound mail {inbound_id}[/red]")
+            raise typer.Exit(1)
+        head = row.raw.split(b"\n\n", 1)[0].split(b"\r\n\r\n", 1)[0][:4000]
+        print(json.dumps({
+            "id": row.id, "state": row.state, "reason": row.reason, "error": row.error,
+            "mailbox": row.mailbox_id, "door": row.door, "source": row.source,
+            "received_at": row.received_at.isoformat(), "size": row.size,
+            "message_id": row.header_message_id, "attempts": row.attempts,
+            "trace": row.trace,
+        }, indent=2, ensure_ascii=False))
+        print("--- headers ---")
+        print(head.decode("utf-8", "replace"))
+
+
+@quarantine_app.command("replay")
+def quarantine_replay(inbound_id: int, config: ConfigOption = None) -> None:
+    """Send a quarantined mail through the pipeline again (after a fix or a config change)."""
+    ingestor = _ingestor(config)
+    try:
+        info = ingestor.replay_quarantined(inbound_id)
+    except TicketgateError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    print(info.model_dump_json())
+
+
+@app.command()
+def trace(inbound_id: int, config: ConfigOption = None) -> None:
+    """The per-step trace of one inbound mail."""
+    ingestor = _ingestor(config)
+    with ingestor.session() as session:
+        row = session.get(InboundMail, inbound_id)
+        if row is None:
+            err.print(f"[red]no inbound mail {inbound_id}[/red]")
+            raise typer.Exit(1)
+        print(f"inbound {row.id}: {row.state}" + (f" ({row.reason})" if row.reason else ""))
+        for line in row.trace or []:
+            extra = {k: v for k, v in line.items() if k not in ("step", "ms", "note")}
+            print(f"  {line.get('ms', 0):>8} ms  {line.get('step', '?'):<10} {line.get('note', '')}"
+                  + (f"  {json.dumps(extra, ensure_ascii=False)}" if extra else ""))
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(app())
