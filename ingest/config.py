@@ -185,6 +185,26 @@ class Rule(_Strict):
     continue_: bool = Field(default=False, alias="continue")
 
 
+class SmtpSection(_Strict):
+    """The MX listener (``ticketgate smtp``).  Host and port come from the top-level settings."""
+
+    hostname: str = "ticketgate.localdomain"  # banner, Received header
+    max_sessions: int = 200  # concurrent connections; 421 past this
+    max_recipients: int = 100  # RCPT per transaction; 452 past this
+    timeout: float = 300.0  # idle seconds per command (RFC 5321 suggests 5 minutes)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    require_starttls: bool = False
+    backlog_limit: int = 20_000  # spooled but unprocessed mails; new mail gets 451 past this
+
+
+class WorkerSection(_Strict):
+    concurrency: int = 2
+    sweep_interval: float = 30.0  # seconds between sweeps for records stuck in "received"
+    sweep_age: float = 60.0  # a record this old and still "received" is enqueued again
+    task_retry_max_delay: float = 300.0
+
+
 DEMO_MAILBOX = Mailbox(id=1, name="Support", accept_any=True, category="General",
                        priority="Medium", owner="support")
 DEMO_CATEGORY = Category(name="General")
@@ -212,6 +232,8 @@ class Settings(BaseSettings):
     http_port: int = 8080
 
     service: ServiceSection = Field(default_factory=ServiceSection)
+    smtp: SmtpSection = Field(default_factory=SmtpSection)
+    worker: WorkerSection = Field(default_factory=WorkerSection)
     api_user: list[ApiUser] = Field(default_factory=list)
     associate: list[Associate] = Field(default_factory=list)
     category: list[Category] = Field(default_factory=list)
@@ -278,7 +300,15 @@ class Settings(BaseSettings):
     def effective_database_url(self) -> str:
         if self.database_url:
             return self.database_url
-        return f"sqlite:///{(self.service.data_dir / 'ticketgate.db').as_posix()}"
+        return f"sqlite:///{(self.service.data_dir / 'ticketgate.db').resolve().as_posix()}"
+
+    @property
+    def effective_broker_url(self) -> str:
+        """The Celery broker: ``broker_url``, else kombu's SQLAlchemy transport on a SQLite file
+        next to the database, so the default set-up needs no server."""
+        if self.broker_url:
+            return self.broker_url
+        return f"sqla+sqlite:///{(self.service.data_dir / 'broker.db').resolve().as_posix()}"
 
     @cached_property
     def mailboxes_by_id(self) -> dict[int, Mailbox]:

@@ -6,10 +6,11 @@ Doors (SMTP, IMAP, HTTP, replay, the Celery task) call :meth:`Ingestor.receive` 
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from ingest import pipeline, schema, spool
@@ -62,6 +63,31 @@ class Ingestor:
         inbound = spool.new_inbound(raw, mailbox_id, door, source, envelope)
         with self.sessions() as session:
             return spool.store(session, inbound)
+
+    def receive_many(self, raw: bytes, mailbox_ids: list[int], door: str, source: str = "",
+                     envelope: Envelope | None = None) -> list[int]:
+        """One record per mailbox, all committed together (one SMTP transaction, many RCPTs)."""
+        records = [spool.new_inbound(raw, m, door, source, envelope) for m in mailbox_ids]
+        with self.sessions() as session:
+            spool.store_all(session, records)
+            return [r.id for r in records]
+
+    def backlog(self) -> int:
+        """Spooled mails not yet processed: the measure for SMTP backpressure."""
+        with self.sessions() as session:
+            return int(session.scalar(
+                select(func.count()).select_from(InboundMail)
+                .where(InboundMail.state == "received")) or 0)
+
+    def stuck_inbound_ids(self, older_than_seconds: float, limit: int = 1000) -> list[int]:
+        """Records still ``received`` after a while: their task was lost (broker restart,
+        killed worker) and must be enqueued again."""
+        cutoff = utcnow() - dt.timedelta(seconds=older_than_seconds)
+        with self.sessions() as session:
+            return list(session.scalars(
+                select(InboundMail.id)
+                .where(InboundMail.state == "received", InboundMail.received_at < cutoff)
+                .order_by(InboundMail.id).limit(limit)))
 
     def process(self, inbound_id: int) -> TicketInfo:
         return pipeline.process_inbound(self, inbound_id)

@@ -96,10 +96,15 @@ def new_inbound(
 
 def store(session: Session, inbound: InboundMail) -> int:
     """Commit the record; raise :class:`SpoolError` (nothing half-written) if that fails."""
+    store_all(session, [inbound])
+    return inbound.id
+
+
+def store_all(session: Session, records: list[InboundMail]) -> None:
+    """Commit all records in one transaction, or none of them."""
     try:
-        session.add(inbound)
+        session.add_all(records)
         session.commit()
     except SQLAlchemyError as exc:
         session.rollback()
         raise SpoolError(f"could not store the mail: {exc.__class__.__name__}: {exc}") from exc
-    return inbound.id

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -47,6 +49,7 @@ def _settings(config: Path | None) -> Settings:
 
 def _ingestor(config: Path | None) -> Ingestor:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("mailparser").setLevel(logging.ERROR)
     return Ingestor(_settings(config))
 
 
@@ -98,6 +101,75 @@ def replay(
             print(line, flush=True)  # rich redirects stdout around the bar on a terminal
     ingestor.close()
     raise typer.Exit(1 if failures else 0)
+
+
+def _use_config(config: Path | None) -> Settings:
+    """Validate the configuration and export it, so child processes and Celery read the same."""
+    if config is not None:
+        os.environ["TICKETGATE_CONFIG"] = str(config.resolve())
+    return _settings(config)
+
+
+@app.command()
+def smtp(
+    config: ConfigOption = None,
+    host: Annotated[str | None, typer.Option(help="Listen address.")] = None,
+    port: Annotated[int | None, typer.Option(help="Listen port.")] = None,
+) -> None:
+    """The SMTP listener for MX delivery (spools each mail, then hands its id to the workers)."""
+    _use_config(config)
+    from workers import runtime
+    from workers.celery_app import enqueue
+    from workers.smtp import serve_smtp
+
+    runtime.configure_logging()
+    asyncio.run(serve_smtp(runtime.ingestor(), enqueue, host=host, port=port))
+
+
+@app.command()
+def worker(
+    config: ConfigOption = None,
+    concurrency: Annotated[int | None, typer.Option(help="Worker processes.")] = None,
+    beat: Annotated[bool, typer.Option(help="Also run the periodic sweep (one per site).")] = False,
+    pool: Annotated[str, typer.Option(help="Celery pool: prefork, threads or solo.")] = "prefork",
+) -> None:
+    """A Celery worker that processes spooled mails (run many for scale-out)."""
+    settings = _use_config(config)
+    from workers import runtime
+    from workers.celery_app import app as celery
+
+    runtime.configure_logging()
+    runtime.ingestor()  # schema upgrade and reference data before the first task
+    argv = ["worker", "--loglevel", "INFO", "--pool", pool,
+            "--concurrency", str(concurrency or settings.worker.concurrency),
+            "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    if beat:
+        settings.service.data_dir.mkdir(parents=True, exist_ok=True)
+        argv += ["--beat", "--schedule", str(settings.service.data_dir / "beat-schedule")]
+    celery.worker_main(argv)
+
+
+@app.command()
+def serve(config: ConfigOption = None) -> None:
+    """Everything in one process group: SMTP listener and workers with the sweep.
+
+    With no configuration: SQLite under ./var/, the embedded broker, SMTP on 127.0.0.1:2525,
+    one demo mailbox that accepts any recipient.
+    """
+    settings = _use_config(config)
+    from workers import runtime
+    from workers.supervisor import Child, role_command, supervise
+
+    runtime.configure_logging()
+    Ingestor(settings).close()  # migrate once, before the roles start in parallel
+    print(f"ticketgate serve: database {settings.effective_database_url}, broker "
+          f"{settings.effective_broker_url}, SMTP {settings.smtp_host}:{settings.smtp_port}",
+          flush=True)
+    children = [
+        Child("smtp", role_command("smtp")),
+        Child("worker", role_command("worker", "--beat")),
+    ]
+    raise typer.Exit(supervise(children))
 
 
 @db_app.command("upgrade")

@@ -1,0 +1,185 @@
+"""The MX listener: aiosmtpd, RCPT checked against configured mailboxes, mail spooled before 250.
+
+The order inside DATA is the whole point (design.md invariant 1): prepend a Received header,
+write one spool record per mailbox in one transaction, and only then answer ``250``.  A database
+failure answers ``451 4.3.0`` and writes nothing.  The broker is told afterwards; if it is down,
+the sweep enqueues the record later, and the client still rightly got its 250.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import signal
+import ssl
+from email.utils import formatdate
+from typing import Any, ClassVar
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from ingest.config import Settings
+from ingest.errors import SpoolError
+from ingest.service import Ingestor
+from ingest.spool import Envelope as SpoolEnvelope
+
+log = logging.getLogger("ticketgate.smtp")
+
+
+class TicketgateSMTP(SMTP):
+    """aiosmtpd's SMTP with a cap on concurrent sessions."""
+
+    active_sessions: ClassVar[int] = 0
+    max_sessions: ClassVar[int] = 200
+    # Tolerate clients that end lines with a bare LF inside DATA (the terminator must still be
+    # CRLF.CRLF, so SMTP smuggling stays impossible).
+    line_length_limit = 64 * 1024
+
+    # aiosmtpd's own size refusals carry no enhanced status code (RFC 3463); add it.
+    _REPLY_REWRITES: ClassVar[dict[str, str]] = {
+        "552 Error: Too much mail data": "552 5.3.4 Message too big for this system",
+        "552 Error: message size exceeds fixed maximum message size":
+            "552 5.3.4 Message size exceeds the fixed maximum",
+    }
+
+    async def push(self, status: Any) -> None:
+        if isinstance(status, str):
+            status = self._REPLY_REWRITES.get(status, status)
+        await super().push(status)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._original_transport is None and self.transport is None:
+            if TicketgateSMTP.active_sessions >= TicketgateSMTP.max_sessions:
+                transport.write(b"421 4.3.2 Too many connections, try again later\r\n")
+                transport.close()
+                self._refused = True
+                return
+            TicketgateSMTP.active_sessions += 1
+        self._refused = False
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if getattr(self, "_refused", False):
+            return
+        TicketgateSMTP.active_sessions = max(0, TicketgateSMTP.active_sessions - 1)
+        super().connection_lost(error)
+
+
+class SpoolingHandler:
+    """aiosmtpd handler: RCPT by mailbox address; DATA spools, enqueues, answers."""
+
+    def __init__(self, ingestor: Ingestor, enqueue: Any) -> None:
+        self.ingestor = ingestor
+        self.settings: Settings = ingestor.settings
+        self.enqueue = enqueue
+
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, mail_options: list[str]) -> str:
+        backlog = await asyncio.to_thread(self.ingestor.backlog)
+        if backlog >= self.settings.smtp.backlog_limit:
+            log.warning("backlog %d >= %d: deferring new mail", backlog,
+                        self.settings.smtp.backlog_limit)
+            return "451 4.3.2 Too much mail waiting to be processed, try again later"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, rcpt_options: list[str]) -> str:
+        if len(envelope.rcpt_tos) >= self.settings.smtp.max_recipients:
+            return "452 4.5.3 Too many recipients"
+        if self.settings.mailbox_for_address(_bare(address)) is None:
+            return "550 5.1.1 No such mailbox here"
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        content = envelope.original_content or b""
+        mailboxes: list[int] = []
+        for rcpt in envelope.rcpt_tos:
+            box = self.settings.mailbox_for_address(_bare(rcpt))
+            if box is not None and box.id not in mailboxes:
+                mailboxes.append(box.id)
+        queue_id = secrets.token_hex(6)
+        peer_ip = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
+        raw = self._received_header(session, envelope, peer_ip, queue_id) + content
+        spool_envelope = SpoolEnvelope(mail_from=envelope.mail_from,
+                                       rcpt_to=list(envelope.rcpt_tos),
+                                       client_ip=peer_ip, helo=session.host_name)
+        try:
+            ids = await asyncio.to_thread(self.ingestor.receive_many, raw, mailboxes, "smtp",
+                                          f"smtp {peer_ip} {queue_id}", spool_envelope)
+        except SpoolError as exc:
+            log.error("spool failed for %s from %s: %s", queue_id, peer_ip, exc)
+            return "451 4.3.0 Temporary failure storing the message, try again later"
+        await asyncio.to_thread(self.enqueue, ids)
+        log.info("accepted %s from %s as inbound %s (%d bytes)", queue_id, peer_ip, ids,
+                 len(raw))
+        return f"250 2.0.0 Ok: queued as {queue_id} inbound {','.join(map(str, ids))}"
+
+    def _received_header(self, session: Session, envelope: Envelope, peer_ip: str,
+                         queue_id: str) -> bytes:
+        protocol = "ESMTPS" if session.ssl else ("ESMTP" if session.extended_smtp else "SMTP")
+        helo = (session.host_name or "unknown").replace("\r", "").replace("\n", "")[:200]
+        rcpt = envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None
+        header = (
+            f"Received: from {helo} ([{peer_ip}])\r\n"
+            f"\tby {self.settings.smtp.hostname} (ticketgate) with {protocol} id {queue_id}"
+            + (f"\r\n\tfor <{_bare(rcpt)}>" if rcpt else "")
+            + f"; {formatdate(usegmt=True)}\r\n"
+        )
+        return header.encode("utf-8", "replace")
+
+
+def _bare(address: str) -> str:
+    return address.strip().strip("<>").strip().lower()
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    cert, key = settings.smtp.tls_cert, settings.smtp.tls_key
+    if not cert or not key:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(cert), str(key))
+    return context
+
+
+async def serve_smtp(ingestor: Ingestor, enqueue: Any, *, host: str | None = None,
+                     port: int | None = None, stop: asyncio.Event | None = None) -> None:
+    """Listen until ``stop`` is set (or SIGTERM/SIGINT), then stop accepting and return."""
+    settings = ingestor.settings
+    handler = SpoolingHandler(ingestor, enqueue)
+    context = tls_context(settings)
+    TicketgateSMTP.max_sessions = settings.smtp.max_sessions
+
+    def factory() -> SMTP:
+        return TicketgateSMTP(
+            handler,
+            hostname=settings.smtp.hostname,
+            ident="ticketgate ESMTP",
+            data_size_limit=settings.service.max_message_bytes,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            tls_context=context,
+            require_starttls=settings.smtp.require_starttls and context is not None,
+            timeout=settings.smtp.timeout,
+            auth_exclude_mechanism=["LOGIN", "PLAIN"],  # an MX takes no logins
+        )
+
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(factory, host or settings.smtp_host,
+                                      port or settings.smtp_port)
+    stop = stop or asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread
+            pass
+    bound = ", ".join(str(s.getsockname()) for s in server.sockets)
+    log.info("SMTP listening on %s", bound)
+    print(f"ticketgate smtp listening on {bound}", flush=True)
+    await stop.wait()
+    server.close()
+    await server.wait_closed()
+    log.info("SMTP stopped")

@@ -1,0 +1,83 @@
+"""``ticketgate serve``: every role as a child process in one process group.
+
+Each role stays the same program it is when run alone (``ticketgate smtp``, ``worker``...), so
+what is tested alone is what runs together.  A child that dies is restarted with backoff; SIGTERM
+or SIGINT is passed on to every child, which stop accepting and finish in-flight work.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+log = logging.getLogger("ticketgate.serve")
+
+GRACE_SECONDS = 20.0
+MAX_BACKOFF = 30.0
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    process: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    next_start: float = field(default=0.0)
+
+    def start(self, env: dict[str, str]) -> None:
+        self.process = subprocess.Popen(self.argv, env=env)
+        log.info("started %s (pid %s)", self.name, self.process.pid)
+
+
+def role_command(role: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "workers.cli", role, *args]
+
+
+def supervise(children: list[Child], env: dict[str, str] | None = None) -> int:
+    env = dict(env or os.environ)
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    for child in children:
+        child.start(env)
+    while not stopping:
+        time.sleep(0.2)
+        now = time.monotonic()
+        for child in children:
+            assert child.process is not None
+            code = child.process.poll()
+            if code is None:
+                continue
+            if child.next_start == 0.0:
+                delay = min(MAX_BACKOFF, 2.0 ** child.restarts)
+                child.next_start = now + delay
+                log.error("%s exited with %s; restarting in %.0fs", child.name, code, delay)
+            elif now >= child.next_start:
+                child.restarts += 1
+                child.next_start = 0.0
+                child.start(env)
+    log.info("stopping: passing SIGTERM to %d children", len(children))
+    for child in children:
+        if child.process and child.process.poll() is None:
+            child.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + GRACE_SECONDS
+    for child in children:
+        if child.process is None:
+            continue
+        try:
+            child.process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in time; killing it", child.name)
+            child.process.kill()
+            child.process.wait()
+    return 0
