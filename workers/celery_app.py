@@ -71,7 +71,8 @@ def process_inbound(self: Any, inbound_id: int) -> dict[str, Any] | None:
         log.error("inbound %s does not exist; dropping the task", inbound_id)
         return None
     except TransientError as exc:
-        delay = min(runtime.settings().worker.task_retry_max_delay, 2 ** min(self.request.retries, 8))
+        cap = runtime.settings().worker.task_retry_max_delay
+        delay = min(cap, 2 ** min(self.request.retries, 8))
         log.warning("inbound %s: %s; retry in %ss", inbound_id, exc, delay)
         raise self.retry(exc=exc, countdown=delay) from exc
     return {"InboundId": info.InboundId, "Action": info.Action, "TicketId": info.TicketId}

@@ -37,6 +37,7 @@ def ingestor() -> Ingestor:
 
 def configure_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    for noisy in ("mailparser", "mail.log", "alembic", "celery.app.trace", "celery.worker.strategy"):
+    noisy_loggers = ("mail.log", "alembic", "celery.app.trace", "celery.worker.strategy")
+    for noisy in noisy_loggers:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("mailparser").setLevel(logging.ERROR)

@@ -9,6 +9,7 @@ the sweep enqueues the record later, and the client still rightly got its 250.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import signal
@@ -172,10 +173,8 @@ async def serve_smtp(ingestor: Ingestor, enqueue: Any, *, host: str | None = Non
                                       port or settings.smtp_port)
     stop = stop or asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
             loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):  # not the main thread
-            pass
     bound = ", ".join(str(s.getsockname()) for s in server.sockets)
     log.info("SMTP listening on %s", bound)
     print(f"ticketgate smtp listening on {bound}", flush=True)
