@@ -176,13 +176,20 @@ def process_new(ingestor: Ingestor, inbound: InboundMail) -> TicketInfo:
                 raise TransientError(f"database unavailable: {exc.orig}") from exc
             except Exception as exc:
                 session.rollback()
-                inbound = _fresh_copy(inbound, raw)
-                with ingestor.sessions() as spool_session:
-                    spool_session.add(inbound)
-                    spool_session.commit()
-                    inbound_id = inbound.id
-                return quarantine(ingestor, inbound_id, exc)
-    raise TransientError("lost too many races on the same mail; retry later")
+                return _spool_and_quarantine(ingestor, _fresh_copy(inbound, raw), exc)
+    return _spool_and_quarantine(
+        ingestor, inbound, TransientError(f"lost {MAX_KEY_RACES} races on the same key")
+    )
+
+
+def _spool_and_quarantine(ingestor: Ingestor, inbound: InboundMail, exc: BaseException
+                          ) -> TicketInfo:
+    """Keep the bytes of a mail whose processing failed, as a replayable quarantined record."""
+    with ingestor.sessions() as session:
+        session.add(inbound)
+        session.commit()
+        inbound_id = inbound.id
+    return quarantine(ingestor, inbound_id, exc)
 
 
 def _fresh_copy(inbound: InboundMail, raw: bytes) -> InboundMail:

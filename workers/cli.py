@@ -77,7 +77,8 @@ def replay(
     show_progress = err.is_terminal
     progress = Progress(TextColumn("replay"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=err, disable=not show_progress,
-                        transient=True)
+                        transient=True, redirect_stdout=sys.stdout.isatty(),
+                        redirect_stderr=False)
     with progress:
         task = progress.add_task("replay", total=None)
         for item in iter_mails(paths):
@@ -98,7 +99,7 @@ def replay(
                 err.print(f"[red]error[/red] {item.label}: {exc}")
                 continue
             line = info.model_dump_json() if as_json else _summary(item.label, info)
-            print(line, flush=True)  # rich redirects stdout around the bar on a terminal
+            print(line, flush=True)  # on a terminal, rich prints it above the bar
     ingestor.close()
     raise typer.Exit(1 if failures else 0)
 
