@@ -8,6 +8,7 @@ container can keep one file and change only the URLs.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -15,7 +16,15 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from ingest.errors import ConfigError
@@ -102,6 +111,108 @@ class PersonEntry(_Strict):
     contact: str | None = None
 
 
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and the usual names of this machine's loopback."""
+    if host.strip().lower().rstrip(".") in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class OAuth2Token(_Strict):
+    """Where an XOAUTH2 access token comes from (Microsoft 365, Gmail).  It is read again at
+    every connection, so whatever refreshes it (a cron job, a sidecar, ``oauth2l``) just keeps
+    the file or the command's answer current."""
+
+    token_command: list[str] | str | None = None  # argv (a string is split like a shell would)
+    token_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> OAuth2Token:
+        if (self.token_command is None) == (self.token_file is None):
+            raise ValueError("oauth2 needs exactly one of token_command or token_file")
+        if isinstance(self.token_command, list) and not self.token_command:
+            raise ValueError("oauth2.token_command is empty")
+        return self
+
+
+class ImapSettings(_Strict):
+    """``[[mailbox]] imap = {...}``: the IMAP folder this mailbox polls (``ticketgate imap``).
+
+    TLS is verified against the system's CAs, or only against ``ca_file`` when one is given.
+    ``tls = "none"`` is accepted only for a loopback host (a local Dovecot or a TLS-terminating
+    sidecar); there is no setting that falls back to plaintext after a failed handshake.
+    """
+
+    host: str
+    port: int | None = Field(default=None, ge=1, le=65535)  # default: 993 (ssl) or 143
+    tls: Literal["ssl", "starttls", "none"] = "ssl"
+    ca_file: Path | None = None
+    user: str
+    password: SecretStr | None = None
+    password_env: str | None = None
+    password_file: Path | None = None
+    oauth2: OAuth2Token | None = None
+    folder: str = "INBOX"
+    after: str = "seen"  # seen | move:FOLDER | delete
+    idle: bool = True
+    poll_interval: float = Field(default=60.0, gt=0)
+    max_message_bytes: int | None = Field(default=None, gt=0)  # default: service's
+    # Not downloaded, recorded as rejected, and then left where it is or moved.
+    oversized: str = "leave"  # leave | move:FOLDER
+    batch_size: int = Field(default=100, ge=1, le=500)  # messages per UID FETCH
+    batch_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)  # bytes per UID FETCH
+    timeout: float = Field(default=60.0, gt=0)  # socket timeout of every command
+
+    @field_validator("after")
+    @classmethod
+    def _after(cls, value: str) -> str:
+        if value in ("seen", "delete") or (value.startswith("move:") and value[5:].strip()):
+            return value
+        raise ValueError('after must be "seen", "delete" or "move:FOLDER"')
+
+    @field_validator("oversized")
+    @classmethod
+    def _oversized(cls, value: str) -> str:
+        if value == "leave" or (value.startswith("move:") and value[5:].strip()):
+            return value
+        raise ValueError('oversized must be "leave" or "move:FOLDER" (never deleted unread)')
+
+    @model_validator(mode="after")
+    def _credentials_and_tls(self) -> ImapSettings:
+        given = [name for name in ("password", "password_env", "password_file", "oauth2")
+                 if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of password, password_env, password_file or "
+                             f"oauth2 (got {', '.join(given) or 'none'})")
+        if self.tls == "none" and not is_loopback(self.host):
+            raise ValueError(f'tls = "none" is allowed only for a loopback host, not '
+                             f'{self.host!r}; use "ssl" or "starttls"')
+        if self.port is None:
+            self.port = 993 if self.tls == "ssl" else 143
+        if self.folder in (self.move_to, self.oversized_move_to):
+            raise ValueError(f"cannot move mail from {self.folder!r} into itself")
+        return self
+
+    @property
+    def move_to(self) -> str | None:
+        return self.after[5:].strip() if self.after.startswith("move:") else None
+
+    @property
+    def oversized_move_to(self) -> str | None:
+        return self.oversized[5:].strip() if self.oversized.startswith("move:") else None
+
+    @property
+    def account(self) -> str:
+        """``user@host:port``: which server account the stored UID state belongs to."""
+        return f"{self.user}@{self.host}:{self.port}"
+
+
 class Mailbox(_Strict):
     id: int
     name: str
@@ -112,7 +223,7 @@ class Mailbox(_Strict):
     owner: str | None = None
     # Overrides service.unknown_sender for this mailbox (e.g. a partners-only address).
     unknown_sender: Literal["create", "reject"] | None = None
-    imap: dict[str, Any] | None = None
+    imap: ImapSettings | None = None
 
     @field_validator("addresses")
     @classmethod
@@ -198,6 +309,14 @@ class SmtpSection(_Strict):
     backlog_limit: int = 20_000  # spooled but unprocessed mails; new mail gets 451 past this
 
 
+class HttpSection(_Strict):
+    """The HTTP API (``ticketgate api``).  Host and port come from the top-level settings."""
+
+    # Whole request body, checked before it is read (Content-Length) and while it streams.  A
+    # JSON-escaped mail is larger than the mail, hence the margin over max_message_bytes.
+    max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+
+
 class WorkerSection(_Strict):
     concurrency: int = 2
     sweep_interval: float = 30.0  # seconds between sweeps for records stuck in "received"
@@ -233,6 +352,7 @@ class Settings(BaseSettings):
 
     service: ServiceSection = Field(default_factory=ServiceSection)
     smtp: SmtpSection = Field(default_factory=SmtpSection)
+    http: HttpSection = Field(default_factory=HttpSection)
     worker: WorkerSection = Field(default_factory=WorkerSection)
     api_user: list[ApiUser] = Field(default_factory=list)
     associate: list[Associate] = Field(default_factory=list)
@@ -286,6 +406,8 @@ class Settings(BaseSettings):
             check(f"mailbox[{i}] ({box.name})", "category", box.category)
             check(f"mailbox[{i}] ({box.name})", "priority", box.priority)
             check(f"mailbox[{i}] ({box.name})", "owner", box.owner)
+            if box.imap is not None and box.imap.max_message_bytes is None:
+                box.imap.max_message_bytes = self.service.max_message_bytes
         for i, rule in enumerate(self.rule):
             for kind in ("category", "priority", "owner", "status"):
                 check(f"rule[{i}] ({rule.name}).set", kind, getattr(rule.set, kind))
@@ -334,8 +456,27 @@ class Settings(BaseSettings):
         return None
 
     @property
+    def imap_mailboxes(self) -> list[Mailbox]:
+        """Mailboxes with an ``imap`` table: what ``ticketgate imap`` polls."""
+        return [box for box in self.mailbox if box.imap is not None]
+
+    @property
     def own_addresses(self) -> set[str]:
         return {a for box in self.mailbox for a in box.addresses}
+
+
+def _imap_paths_relative_to(base: Path, data: dict[str, Any]) -> None:
+    """ca_file, password_file and oauth2.token_file are relative to the configuration file."""
+    boxes = data.get("mailbox")
+    for box in boxes if isinstance(boxes, list) else []:
+        imap = box.get("imap") if isinstance(box, dict) else None
+        if not isinstance(imap, dict):
+            continue
+        tables = [imap, imap.get("oauth2")]
+        for table, key in ((tables[0], "ca_file"), (tables[0], "password_file"),
+                           (tables[1], "token_file")):
+            if isinstance(table, dict) and isinstance(table.get(key), str):
+                table[key] = (base / table[key]).as_posix()
 
 
 def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
@@ -356,6 +497,7 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
             raise ConfigError(f"{file}: {exc}") from None
         if "service" in data and "data_dir" in data["service"]:
             data["service"]["data_dir"] = (file.parent / data["service"]["data_dir"]).as_posix()
+        _imap_paths_relative_to(file.parent, data)
     data.update(overrides)
     try:
         return Settings(**data)

@@ -46,3 +46,35 @@ class InboundNotFound(TicketgateError):
 
 class NotQuarantined(TicketgateError):
     """Only quarantined mails can be replayed from the quarantine."""
+
+
+class EntityError(TicketgateError):
+    """A ticket entity (SuperOffice or Autotask shape) cannot be read or saved as asked.
+
+    ``field`` names the property at fault (``Title``, ``OwnedBy``, ``filter[0].value``...) so
+    the HTTP layer can answer a structured error a client can act on; ``code`` is stable.
+    """
+
+    code = "EntityError"
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class EntityValidationError(EntityError):
+    """The entity is well-formed JSON but breaks a rule (title too long, inactive priority)."""
+
+    code = "ValidationFailed"
+
+
+class TicketNotFound(EntityError):
+    """No ticket with that id: updates never turn into silent creates."""
+
+    code = "TicketNotFound"
+
+
+class InvalidFilter(EntityValidationError):
+    """An Autotask query filter uses an unknown field, operator or a value of the wrong type."""
+
+    code = "InvalidFilter"

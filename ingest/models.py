@@ -292,3 +292,31 @@ class InboundMail(Base):
 
 
 FINAL_STATES = ("created", "appended", "duplicate", "ignored", "rejected", "quarantined")
+
+
+# --- the IMAP poller's position ------------------------------------------------------------
+
+
+class ImapFolderState(Base):
+    """Where the IMAP poller stands in one mailbox's folder (``workers/imap.py``).
+
+    ``last_uid`` is the highest UID whose mail is spooled *and* acknowledged on the server
+    (flagged, moved or deleted); it is valid only for ``uidvalidity`` on ``account``.  A folder
+    whose UIDVALIDITY (or account) changed is synchronised again from scratch; the spool's
+    idempotency key keeps that from making a second ticket.  ``uidvalidity`` stays NULL until
+    the first full synchronisation has finished.
+    """
+
+    __tablename__ = "imap_folder_state"
+    __table_args__ = (UniqueConstraint("mailbox_id", "folder", name="uq_imap_mailbox_folder"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    mailbox_id: Mapped[int] = mapped_column(Integer)
+    folder: Mapped[str] = mapped_column(String(1000))
+    account: Mapped[str] = mapped_column(String(1000), default="")  # user@host:port
+    uidvalidity: Mapped[int | None] = mapped_column(BigInteger)
+    last_uid: Mapped[int] = mapped_column(BigInteger, default=0)
+    ingested: Mapped[int] = mapped_column(BigInteger, default=0)  # mails spooled, ever
+    last_success_at: Mapped[dt.datetime | None] = mapped_column()  # last completed sync
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_error_at: Mapped[dt.datetime | None] = mapped_column()
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)

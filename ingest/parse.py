@@ -35,8 +35,18 @@ from ingest.errors import ParseError
 _ADDRESS_RE = re.compile(r"[^@\s<>\"',;]+@[^@\s<>\"',;]+")
 _MSGID_RE = re.compile(r"<([^<>\s]+)>")
 _JIS_ESCAPE = b"\x1b$B"
+_SURROGATE_RE = re.compile("[\udc80-\udcff]")
+# Parts kept as one attachment, their inner structure not walked: an attached mail (RFC 2046
+# 5.2.1, RFC 6532 message/global) belongs to its sender, not to this mail's body or files; the
+# body of a message/external-body (RFC 2046 5.2.3) is only the header of content stored elsewhere,
+# so its inner "part" is a reference, not a file, and the name is the one on the outer part.
+_WHOLE_PARTS = frozenset(
+    {"message/rfc822", "message/global", "message/external-body", "text/rfc822-headers"}
+)
+_EPILOGUE_DEFECTS = frozenset({"StartBoundaryNotFoundDefect"})  # mailparser.const.EPILOGUE_DEFECTS
 _UNSAFE_FILENAME = re.compile(r"[\x00-\x1f\x7f/\\:*?\"<>|]+")
 MAX_FILENAME = 180
+MIN_GUESS_BYTES = 16  # non-ASCII bytes a header needs before a statistical charset guess
 
 
 @dataclass(slots=True)
@@ -75,22 +85,119 @@ class ParsedMail:
     visible_text: str = ""  # the new part of a reply, without quoted history and signature
     defects: list[str] = field(default_factory=list)
     header_block: str = ""
+    header_charset: str | None = None  # the hint for raw 8-bit header bytes, see header_charset()
 
     def header(self, name: str) -> str:
         """The first value of a header, decoded; empty string when absent."""
         value = self.message.get(name)
-        return decode_header_value(value) if value is not None else ""
+        return decode_header_value(value, self.header_charset) if value is not None else ""
 
     def headers_all(self, name: str) -> list[str]:
-        return [decode_header_value(v) for v in self.message.get_all(name, [])]
+        return [decode_header_value(v, self.header_charset)
+                for v in self.message.get_all(name, [])]
 
 
-def decode_header_value(value: Any) -> str:
-    """RFC 2047 decode one raw header value, never raising."""
+def header_charset(message: EmailMessage) -> str | None:
+    """The charset a mailer most likely used for raw 8-bit bytes in this mail's headers.
+
+    Mailers that put raw 8-bit text in headers write it in the charset they declare for the
+    body, so the first declared charset of the mail is the hint (``us-ascii`` is no hint).
+    """
     try:
-        return str(email.header.make_header(email.header.decode_header(str(value))))
+        charsets = message.get_charsets()
+    except Exception:
+        return None
+    for charset in charsets:
+        if charset and charset.lower() not in ("us-ascii", "ascii"):
+            try:
+                codecs.lookup(charset)
+            except LookupError:
+                continue
+            return str(charset)
+    return None
+
+
+def _decode_8bit_header(raw: bytes, hint: str | None) -> str:
+    """Raw 8-bit header bytes as text: UTF-8 (legal since RFC 6532), else the mail's declared
+    charset, else a statistical guess when there is enough text for one, else Windows-1252.
+
+    Headers are short, so charset-normalizer alone guesses poorly on them (one ``0xF6`` in a
+    subject is as likely an em dash as an umlaut to it); the body's declared charset is the
+    better evidence.
+    """
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    if hint:
+        try:
+            return raw.decode(hint)
+        except (LookupError, UnicodeDecodeError):
+            pass
+    if sum(byte >= 0x80 for byte in raw) >= MIN_GUESS_BYTES:
+        return decode_text(raw, None)
+    try:
+        return raw.decode("cp1252")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def _header_source(value: Any, hint: str | None = None) -> str:
+    """The header value as text before RFC 2047 decoding, with raw 8-bit bytes decoded.
+
+    With the compat32 policy the stdlib keeps raw 8-bit header bytes as surrogate escapes and
+    hands them out wrapped in an ``unknown-8bit`` :class:`email.header.Header`, whose ``str()``
+    turns every such byte into U+FFFD.  Mailers send raw 8-bit headers all the time: UTF-8 (now
+    legal, RFC 6532) or a legacy charset, even inside an encoded-word (``=?iso-8859-1?Q?Fr\xf6?=``).
+    So the bytes are recovered and decoded: UTF-8 when they are valid UTF-8; otherwise, when
+    encoded-words are present, latin-1, which maps each byte to the code point of the same
+    value so that :func:`email.header.decode_header` hands the bytes on to the encoded-word's
+    declared charset; otherwise as :func:`_decode_8bit_header` says.
+    """
+    if isinstance(value, email.header.Header):
+        raw = b"".join(
+            chunk if isinstance(chunk, bytes) else chunk.encode("utf-8", "surrogateescape")
+            for chunk, _charset in email.header.decode_header(value)
+        )
+    else:
+        text = str(value)
+        if not _SURROGATE_RE.search(text):
+            return text
+        raw = text.encode("utf-8", "surrogateescape")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    if b"=?" in raw:
+        return raw.decode("latin-1")
+    return _decode_8bit_header(raw, hint)
+
+
+def decode_header_value(value: Any, charset_hint: str | None = None) -> str:
+    """RFC 2047 decode one raw header value (raw 8-bit bytes included), never raising.
+
+    ``charset_hint`` is the charset to try for raw 8-bit bytes (see :func:`header_charset`).
+    """
+    source = _header_source(value, charset_hint)
+    try:
+        chunks = email.header.decode_header(source)
     except Exception:  # malformed encoded-words: keep what is readable
-        return str(value)
+        return source
+    try:
+        return str(email.header.make_header(chunks))
+    except Exception:
+        pass
+    # make_header refuses non-ASCII text beside encoded-words (raw UTF-8 next to =?..?=);
+    # decode chunk by chunk instead: decode_header hands plain text back as raw-unicode-escape.
+    try:
+        return "".join(
+            chunk if isinstance(chunk, str)
+            else chunk.decode("raw-unicode-escape") if charset is None
+            else decode_text(chunk, charset)
+            for chunk, charset in chunks
+        )
+    except Exception:
+        return source
 
 
 def decode_text(payload: bytes, declared: str | None) -> str:
@@ -126,7 +233,23 @@ def decode_text(payload: bytes, declared: str | None) -> str:
 
 
 class _RobustMailParser(mailparser.MailParser):  # type: ignore[misc]
-    """mail-parser with our charset handling for body parts."""
+    """mail-parser with our charset handling for body parts, and one crash fixed."""
+
+    @property
+    def defects_categories(self) -> set[str]:
+        """The defect categories, minus the epilogue ones when there is no epilogue to recover.
+
+        On ``StartBoundaryNotFoundDefect`` mail-parser 4.8 looks for a lost part between the
+        boundaries in the top-level epilogue, and raises ``AttributeError``/``TypeError`` when
+        the defect sits in a nested part while the top level has no epilogue or no boundary
+        (seen in Dovecot's malformed test mails and a SendGrid bounce).  There is nothing to
+        recover then; the defect itself is still reported through :attr:`defects`.
+        """
+        categories = set(self._defects_categories)
+        message = self.message
+        if message is None or message.epilogue is None or message.get_boundary() is None:
+            categories -= _EPILOGUE_DEFECTS
+        return categories
 
     def _decode_body_payload(self, part: EmailMessage, charset: str, part_index: int) -> str:
         payload = part.get_payload(decode=True)
@@ -187,12 +310,14 @@ def safe_filename(name: str) -> str:
 
 def _fallback_name(part: EmailMessage, index: int, content_id: str | None) -> str:
     ctype = part.get_content_type()
-    if ctype == "message/rfc822":
+    if ctype in ("message/rfc822", "message/global"):
         inner = part.get_payload()
         subject = ""
         if isinstance(inner, list) and inner:
             subject = decode_header_value(inner[0].get("Subject", ""))
         return safe_filename((subject or "forwarded-message")[:100]) + ".eml"
+    if ctype in ("text/rfc822-headers", "message/rfc822-headers"):
+        return "returned-headers.txt"
     ext = mimetypes.guess_extension(ctype) or ".bin"
     if content_id:
         return safe_filename(content_id.split("@", 1)[0] + ext)
@@ -200,7 +325,7 @@ def _fallback_name(part: EmailMessage, index: int, content_id: str | None) -> st
 
 
 def _part_bytes(part: EmailMessage) -> bytes:
-    if part.get_content_type() == "message/rfc822":
+    if part.get_content_type() in _WHOLE_PARTS:
         inner = part.get_payload()
         if isinstance(inner, list) and inner:
             try:
@@ -222,15 +347,18 @@ def _part_bytes(part: EmailMessage) -> bytes:
     return b""
 
 
-def _walk_attachments(message: EmailMessage) -> list[ParsedAttachment]:
-    """Every part that is not the body: files, inline images, attached mails (kept whole)."""
+def _walk_attachments(message: EmailMessage, hint: str | None = None) -> list[ParsedAttachment]:
+    """Every part that is not the body: files, inline images, attached mails (kept whole).
+
+    ``hint`` is the charset for raw 8-bit bytes in file names (see :func:`header_charset`).
+    """
     found: list[ParsedAttachment] = []
     skip: set[int] = set()
     for index, part in enumerate(message.walk()):
         if id(part) in skip:
             continue
         ctype = part.get_content_type()
-        if ctype == "message/rfc822" or ctype == "text/rfc822-headers":
+        if ctype in _WHOLE_PARTS:
             payload = part.get_payload()
             if isinstance(payload, list):
                 for inner in payload:
@@ -242,7 +370,9 @@ def _walk_attachments(message: EmailMessage) -> list[ParsedAttachment]:
             raw_name = part.get_filename()
         except Exception:
             raw_name = None
-        filename = decode_header_value(raw_name) if raw_name else None
+        filename = (
+            decode_header_value(raw_name, part.get_content_charset() or hint) if raw_name else None
+        )
         if ctype in ("text/plain", "text/html") and not filename and disposition != "attachment":
             continue
         if ctype in ("message/delivery-status", "message/disposition-notification") and (
@@ -281,7 +411,8 @@ def html_to_text(html: str) -> str:
 
 def sanitize_html(html: str) -> str:
     """Stored HTML is what nh3 (Ammonia) lets through: no script, no handlers, no remote forms."""
-    return nh3.clean(html, url_schemes={"http", "https", "mailto", "cid", "tel"})
+    return nh3.clean(html, url_schemes={"http", "https", "mailto", "cid", "tel"},
+                     clean_content_tags={"script", "style", "title"})
 
 
 def parse_mail(raw: bytes) -> ParsedMail:
@@ -300,7 +431,10 @@ def parse_mail(raw: bytes) -> ParsedMail:
     html_parts = [t for t in parser.text_html if t and t.strip()]
     html = "\n".join(html_parts)
     text = "\n\n".join(t.strip("\n") for t in plain) if plain else html_to_text(html)
-    attachments = _walk_attachments(message)
+    # Mail over SMTP arrives with CRLF, from files often with LF: store one form.
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    hint = header_charset(message)
+    attachments = _walk_attachments(message, hint)
     tnef_body = next((a for a in attachments if a.origin == "tnef-body"), None)
     if tnef_body is not None:
         attachments.remove(tnef_body)
@@ -313,14 +447,14 @@ def parse_mail(raw: bytes) -> ParsedMail:
             date = date_value if date_value.tzinfo else date_value.replace(tzinfo=dt.UTC)
     except Exception:
         date = None
-    header_block = "".join(f"{k}: {v}\n" for k, v in message.items())
+    header_block = "".join(f"{k}: {_header_source(v, hint)}\n" for k, v in message.items())
     defects = []
     for entry in parser.defects or []:
         for key, values in entry.items():
             defects.extend(f"{key}: {v}" for v in values)
     return ParsedMail(
         message=message,
-        subject=" ".join(decode_header_value(message.get("Subject", "")).split()),
+        subject=" ".join(decode_header_value(message.get("Subject", ""), hint).split()),
         message_id=normalize_message_id(message.get("Message-ID")),
         in_reply_to=_ids(str(message.get("In-Reply-To", "") or "")),
         references=_ids(" ".join(str(v) for v in message.get_all("References", []))),
@@ -336,4 +470,5 @@ def parse_mail(raw: bytes) -> ParsedMail:
         attachments=attachments,
         defects=defects,
         header_block=header_block,
+        header_charset=hint,
     )

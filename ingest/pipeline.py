@@ -1,6 +1,6 @@
 """The flow of one mail, top to bottom.  Read this file first.
 
-    spool record ──> dedupe ─> limits ─> parse ─> classify ─> thread ─> automail ─> sender ─> route
+    spool record ──> dedupe ─> limits ─> parse ─> classify ─> thread ─> automail ─> route ─> sender
                                                                                               │
                        TicketInfo <── inbound record's final state <── store (one transaction)┘
 
@@ -51,8 +51,9 @@ STEPS: tuple[Step, ...] = (
     classify,  # loops end here; auto-replies, bounces, bulk are labelled
     find_ticket,  # In-Reply-To, References, signed Message-IDs, trusted subject tags
     stop_unreferenced_automatic_mail,  # labelled mail never opens a ticket
-    identify_sender,  # person, company, Cc; unknown senders per policy
-    route,  # mailbox defaults and [[rule]]s, for new tickets
+    route,  # mailbox defaults and [[rule]]s, for new tickets; may ignore or reject
+    identify_sender,  # person, company, Cc; unknown senders per policy (after rules, so an
+    #                   ignored or rejected mail leaves no person behind)
 )
 MAX_KEY_RACES = 3
 

@@ -7,16 +7,24 @@ Doors (SMTP, IMAP, HTTP, replay, the Celery task) call :meth:`Ingestor.receive` 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from sqlalchemy import Engine, func, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from ingest import pipeline, schema, spool
 from ingest.config import Settings
 from ingest.db import make_engine, make_session_factory
-from ingest.errors import InboundNotFound, InvalidMail, NotQuarantined, UnknownMailbox
+from ingest.errors import (
+    InboundNotFound,
+    InvalidMail,
+    NotQuarantined,
+    SpoolError,
+    UnknownMailbox,
+)
 from ingest.models import InboundMail, utcnow
 from ingest.reference import Reference, sync_reference
 from ingest.spool import Envelope
@@ -30,6 +38,15 @@ class RecordedError(InvalidMail):
         super().__init__(message)
         self.inbound_id = inbound_id
         self.info = info
+
+
+@dataclass(frozen=True, slots=True)
+class Spooled:
+    """One mail handed to :meth:`Ingestor.receive_batch`."""
+
+    inbound_id: int
+    state: str  # "received" unless an earlier run already processed it
+    new: bool  # False: this very source had been spooled before (a re-fetch)
 
 
 class Ingestor:
@@ -71,6 +88,64 @@ class Ingestor:
         with self.sessions() as session:
             spool.store_all(session, records)
             return [r.id for r in records]
+
+    def receive_batch(self, items: Sequence[tuple[bytes, str]], mailbox_id: int, door: str,
+                      envelope: Envelope | None = None) -> list[Spooled]:
+        """Spool several ``(raw, source)`` mails in one transaction, each source at most once.
+
+        For doors that may fetch the same mail again (IMAP: killed after spooling, before the
+        server flag was set): a mail whose mailbox, door, idempotency key and source are already
+        in the spool gets its existing record back (``new=False``) instead of a second one.
+        Raises :class:`~ingest.errors.SpoolError`, with nothing written, if the database fails.
+        """
+        records = [spool.new_inbound(raw, mailbox_id, door, source, envelope)
+                   for raw, source in items]
+        with self.sessions() as session:
+            try:
+                found = {
+                    (row.idempotency_key, row.source): row
+                    for row in session.execute(
+                        select(InboundMail.id, InboundMail.state, InboundMail.source,
+                               InboundMail.idempotency_key)
+                        .where(InboundMail.mailbox_id == mailbox_id, InboundMail.door == door,
+                               InboundMail.idempotency_key.in_(
+                                   {r.idempotency_key for r in records}))
+                    )
+                }
+            except SQLAlchemyError as exc:
+                session.rollback()
+                raise SpoolError(f"could not look up the spool: {exc}") from exc
+            fresh = [r for r in records if (r.idempotency_key, r.source) not in found]
+            spool.store_all(session, fresh)
+        result = []
+        for record in records:
+            old = found.get((record.idempotency_key, record.source))
+            result.append(Spooled(old.id, old.state, False) if old is not None
+                          else Spooled(record.id, record.state, True))
+        return result
+
+    def record_rejected(self, mailbox_id: int, door: str, source: str, reason: str, *,
+                        head: bytes = b"", size: int | None = None,
+                        envelope: Envelope | None = None) -> TicketInfo:
+        """Record a mail refused before its bytes were taken (IMAP: RFC822.SIZE over the limit).
+
+        ``head`` is what the door knows of it, e.g. a few header fields; it is stored as the
+        record's raw bytes and gives the record its Message-ID.  ``size`` is the real size.
+        Idempotent per source: the same source refused again returns the first record's result.
+        """
+        inbound = spool.new_inbound(head, mailbox_id, door, source, envelope)
+        if size is not None:
+            inbound.size = size
+        with self.sessions() as session:
+            first = session.scalar(
+                select(InboundMail).where(
+                    InboundMail.mailbox_id == mailbox_id, InboundMail.door == door,
+                    InboundMail.idempotency_key == inbound.idempotency_key,
+                    InboundMail.source == inbound.source))
+            if first is not None:
+                return (TicketInfo(**first.result) if first.result
+                        else TicketInfo(Action=first.state, InboundId=first.id))
+        return self._record_refusal(inbound, reason)
 
     def backlog(self) -> int:
         """Spooled mails not yet processed: the measure for SMTP backpressure."""

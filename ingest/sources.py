@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import mailbox
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,13 +25,25 @@ def _is_maildir(path: Path) -> bool:
     return path.is_dir() and (path / "cur").is_dir() and (path / "new").is_dir()
 
 
-def _looks_like_mbox(path: Path) -> bool:
+# An mbox separator: "From " sender, then an asctime date ("From MAILER-DAEMON Fri Jul  5 10:00:00
+# 2002").  A bare "From " prefix is not enough: old-style "From  : John" is a legal header line.
+_MBOX_SEPARATOR = re.compile(
+    rb"^From \S+\s+(Mon|Tue|Wed|Thu|Fri|Sat|Sun) (Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
+    rb"\s+\d{1,2} \d{1,2}:\d{2}(:\d{2})?"
+)
+
+
+def _first_line(path: Path) -> bytes:
     try:
         with path.open("rb") as fh:
-            head = fh.read(5)
+            return fh.readline(1000)
     except OSError:
-        return False
-    return head == b"From "
+        return b""
+
+
+def _looks_like_mbox(path: Path) -> bool:
+    """An mbox is a file that starts with a separator line and is not named ``*.eml``."""
+    return path.suffix.lower() != ".eml" and bool(_MBOX_SEPARATOR.match(_first_line(path)))
 
 
 def _from_maildir(path: Path) -> Iterator[SourceItem]:
@@ -59,7 +72,10 @@ def _from_file(path: Path) -> Iterator[SourceItem]:
         yield from _from_mbox(path)
         return
     try:
-        yield SourceItem(str(path), path.read_bytes())
+        raw = path.read_bytes()
+        if _MBOX_SEPARATOR.match(raw[:1000]):  # an .eml saved with its mbox "From " line
+            raw = raw.split(b"\n", 1)[1] if b"\n" in raw else b""
+        yield SourceItem(str(path), raw)
     except OSError as exc:
         yield SourceItem(str(path), error=f"unreadable: {exc.strerror or exc}")
 

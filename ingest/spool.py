@@ -8,6 +8,7 @@ block alone so that receiving stays cheap even for a 30 MB mail.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
 from email.policy import compat32
@@ -21,6 +22,9 @@ from ingest.parse import normalize_message_id
 
 _HEADER_PARSER = BytesHeaderParser(policy=compat32)
 MAX_KEY_MESSAGE_ID = 250
+# A field name of printable ASCII but ":", then optional white space (RFC 5322 obsolete syntax
+# allows "Subject  :"), then the colon.
+_HEADER_LINE = re.compile(rb"^[\x21-\x39\x3b-\x7e]+[ \t]*:")
 
 
 @dataclass(slots=True)
@@ -61,8 +65,7 @@ def check_rfc822(raw: bytes) -> None:
     first_line = head.split(b"\n", 1)[0]
     if first_line.startswith(b"From ") and b"\n" in head:  # mbox "From " line before headers
         first_line = head.split(b"\n", 2)[1] if head.count(b"\n") > 1 else b""
-    name, colon, _ = first_line.partition(b":")
-    if not colon or not name or any(c <= 32 or c >= 127 for c in name):
+    if not _HEADER_LINE.match(first_line):
         raise InvalidMail("data does not start with an RFC822 header line (Name: value)")
 
 

@@ -4,7 +4,10 @@ Register it from ``tests/conftest.py`` with ``pytest_plugins = ["tests.services"
 
 The durability and locking behaviour we test only exists in a real PostgreSQL, so this module
 starts a private, throw-away server for the test session instead of mocking one, and never
-touches any server that may already be running on this machine (e.g. on port 5432).
+touches any server that may already be running on this machine (e.g. on port 5432).  The same
+goes for the Celery broker: a private Redis (``redis_server``) on a free loopback port, never the
+one a developer may run on 6379, and a private RabbitMQ node (``rabbitmq_server``) with its own
+epmd, never the machine's ``rabbit@localhost`` on 5672.
 
 Environment:
 
@@ -18,14 +21,16 @@ from __future__ import annotations
 import glob
 import os
 import pwd
+import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, suppress
 from pathlib import Path
 from typing import NoReturn
 
@@ -38,6 +43,8 @@ PG_USER = "tg"
 PG_DATABASE = "ticketgate"
 PG_SYSTEM_USER = "postgres"
 READY_TIMEOUT_S = 60.0
+REDIS_BINARY = "redis-server"
+RABBITMQ_BINDIR = Path("/usr/lib/rabbitmq/bin")  # Debian's real scripts (not the su wrappers)
 
 
 @contextmanager
@@ -301,3 +308,652 @@ def fresh_postgres_url(postgres_url: str) -> Iterator[str]:
                 (name,),
             )
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+
+
+# --- Redis (the Celery broker) ----------------------------------------------------------------
+
+
+def _ensure_redis_binary(config: pytest.Config) -> str:
+    found = shutil.which(REDIS_BINARY) or shutil.which(f"/usr/bin/{REDIS_BINARY}")
+    if found:
+        return found
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        _unavailable(
+            config,
+            "redis-server not found; install it with: apt-get install redis-server",
+        )
+    _say(config, "redis-server not found; installing the Debian package")
+    if not _apt_install(config, ["redis-server"]):
+        _unavailable(config, "apt-get install redis-server failed")
+    found = shutil.which(REDIS_BINARY) or shutil.which(f"/usr/bin/{REDIS_BINARY}")
+    if not found:
+        _unavailable(config, "redis-server installed but not found on PATH")
+    return found
+
+
+def _redis_ping(port: int, timeout: float = 1.0) -> bool:
+    """True if a Redis on 127.0.0.1:port answers PING (no client library needed)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class RedisServer:
+    """A private, memory-only Redis on a free loopback port (what ``redis_server`` yields).
+
+    ``url`` stays the same for the whole session: :meth:`restart` stops the server and starts it
+    again on the same port, with an empty dataset (no persistence: ``--save "" --appendonly no``),
+    which is exactly what a broker restart without persistence does to queued tasks.
+    """
+
+    def __init__(self, binary: str) -> None:
+        self.binary = binary
+        self.base = Path(tempfile.mkdtemp(prefix="ticketgate-redis-"))
+        self.logfile = self.base / "redis.log"
+        self.port = 0
+        self.restarts = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def _spawn(self) -> bool:
+        """Start on ``self.port``; False if the server died (port taken) instead of answering."""
+        argv = [
+            self.binary,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(self.base),
+            "--logfile", str(self.logfile),
+            "--daemonize", "no",
+            "--protected-mode", "yes",
+        ]  # fmt: skip
+        self._proc = subprocess.Popen(
+            argv,
+            cwd=self.base,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # a Ctrl-C in the terminal must not kill it mid-test
+        )
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                self._proc = None
+                return False
+            if _redis_ping(self.port):
+                return True
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("redis-server did not answer PING" + self._log_tail())
+
+    def start(self, attempts: int = 3) -> None:
+        """Start on a free port; retry with another port if one was taken in the meantime."""
+        for _attempt in range(attempts):
+            self.port = _free_port()
+            if self._spawn():
+                return
+        raise RuntimeError("redis-server failed to start" + self._log_tail())
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL) and wait until its port is closed."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def restart(self) -> None:
+        """Stop (if running) and start again on the same port; everything stored is gone."""
+        port = self.port
+        self.stop()
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not self._spawn():  # the old socket may linger for a moment
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server could not restart on port {port}"
+                                   + self._log_tail())
+            time.sleep(0.2)
+        self.restarts += 1
+
+    def ensure_running(self) -> None:
+        """Start it again (same port, same ``url``) if an earlier test stopped it."""
+        if not self.running:
+            self.restart()
+
+    def _log_tail(self) -> str:
+        try:
+            return "\nredis log (tail):\n" + self.logfile.read_text(errors="replace")[-3000:]
+        except OSError:
+            return ""
+
+    def remove(self) -> None:
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_server(pytestconfig: pytest.Config) -> Iterator[RedisServer]:
+    """A private Redis for this session: ``.url`` (``redis://127.0.0.1:PORT/0``), ``.restart()``
+    (same port, data lost) and ``.stop()``.  Stopped and deleted at the end of the session.
+
+    The server is shared by the whole session; a test that stops it leaves it stopped, so tests
+    call :meth:`RedisServer.ensure_running` first (the ``redis_url`` fixture does).
+    """
+    server = RedisServer(_ensure_redis_binary(pytestconfig))
+    try:
+        server.start()
+        _say(pytestconfig, f"Redis on 127.0.0.1:{server.port}")
+        yield server
+    finally:
+        try:
+            server.stop()
+        finally:
+            server.remove()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """URL of the session's Redis, (re)started if an earlier test left it stopped."""
+    redis_server.ensure_running()
+    return redis_server.url
+
+
+# --- Dovecot (the IMAP server) ----------------------------------------------------------------
+
+DOVECOT_BINARY = "/usr/sbin/dovecot"
+DOVECOT_IMAP = "/usr/lib/dovecot/imap"
+DOVECOT_INTERNAL_USER = "dovecot"  # created by Debian's dovecot-core
+DOVECOT_LOGIN_USER = "dovenull"
+DOVECOT_MAIL_USER = "nobody"  # owns the test maildirs (Dovecot never runs mail as root)
+
+
+def _ensure_dovecot(config: pytest.Config) -> None:
+    if Path(DOVECOT_BINARY).exists() and Path(DOVECOT_IMAP).exists():
+        return
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        _unavailable(config, "Dovecot not found; install it with: apt-get install dovecot-imapd")
+    _say(config, "Dovecot not found; installing the Debian package")
+    if not _apt_install(config, ["dovecot-imapd"]):
+        _unavailable(config, "apt-get install dovecot-imapd failed")
+    if not (Path(DOVECOT_BINARY).exists() and Path(DOVECOT_IMAP).exists()):
+        _unavailable(config, f"dovecot-imapd installed but {DOVECOT_IMAP} is missing")
+
+
+def _openssl(*args: str) -> None:
+    proc = subprocess.run(["openssl", *args], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"openssl {' '.join(args)} failed:\n{proc.stderr}")
+
+
+def make_test_ca(directory: Path, name: str) -> tuple[Path, Path, Path]:
+    """A private CA and a server certificate it signed for 127.0.0.1 and localhost.
+
+    Returns ``(ca_cert, server_cert, server_key)``; the CA cert is what a client's ``ca_file``
+    must contain to trust the server.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key, ca_cert = directory / f"{name}-ca.key", directory / f"{name}-ca.pem"
+    key, csr, cert = (directory / f"{name}.key", directory / f"{name}.csr",
+                      directory / f"{name}.pem")
+    ext = directory / f"{name}.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+                   "extendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n")
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+             "-keyout", str(ca_key), "-out", str(ca_cert), "-days", "2",
+             "-subj", f"/CN=ticketgate test CA {name}")
+    _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+             "-keyout", str(key), "-out", str(csr), "-subj", "/CN=127.0.0.1")
+    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca_cert), "-CAkey", str(ca_key),
+             "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext))
+    return ca_cert, cert, key
+
+
+class DovecotServer:
+    """A private Dovecot in a temp dir (what the ``dovecot`` fixture yields).
+
+    * IMAPS (implicit TLS) on ``imaps_port`` and IMAP with STARTTLS on ``imap_port``, both on
+      127.0.0.1 only, with a certificate signed by a CA made for this session (``ca_file``);
+      ``other_ca_file`` is an unrelated CA, for "certificate not trusted" tests.
+    * Users in a passwd-file (:meth:`add_user`, :meth:`set_password`; Dovecot re-reads the file
+      when it changes), mail in Maildirs under the temp dir.
+    * Run as root, Dovecot's own processes use the unprivileged ``dovecot``/``dovenull`` users
+      and mail is owned by ``nobody``; run as another user, everything runs as that user.
+    """
+
+    def __init__(self) -> None:
+        self.as_root = os.geteuid() == 0
+        # The mail user must be able to reach its maildir: /tmp, not a root-private TMPDIR.
+        self.base = Path(tempfile.mkdtemp(prefix="ticketgate-dovecot-",
+                                          dir="/tmp" if self.as_root else None))
+        self.base.chmod(0o755)
+        self.config_file = self.base / "dovecot.conf"
+        self.passwd_file = self.base / "passwd"
+        self.logfile = self.base / "dovecot.log"
+        self.maildir = self.base / "mail"
+        self.instance = f"tg-{self.base.name[-8:]}"
+        self.imap_port = 0
+        self.imaps_port = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._users: dict[str, str] = {}
+        certs = self.base / "certs"
+        self.ca_file, self.cert_file, self.key_file = make_test_ca(certs, "server")
+        self.other_ca_file = make_test_ca(certs, "other")[0]
+        if self.as_root:
+            mail = pwd.getpwnam(DOVECOT_MAIL_USER)
+            internal, login = DOVECOT_INTERNAL_USER, DOVECOT_LOGIN_USER
+        else:
+            mail = pwd.getpwuid(os.geteuid())
+            internal = login = mail.pw_name
+        self._uid, self._gid = mail.pw_uid, mail.pw_gid
+        self._internal_user, self._login_user = internal, login
+        self.maildir.mkdir()
+        os.chown(self.maildir, self._uid, self._gid)
+        self.passwd_file.write_text("")
+
+    def add_user(self, name: str, password: str) -> None:
+        self._users[name] = password
+        self._write_passwd()
+
+    def set_password(self, name: str, password: str) -> None:
+        self.add_user(name, password)
+
+    def _write_passwd(self) -> None:
+        lines = [f"{user}:{{PLAIN}}{password}:{self._uid}:{self._gid}::"
+                 f"{self.maildir / user}::"
+                 for user, password in self._users.items()]
+        tmp = self.passwd_file.with_suffix(".tmp")
+        tmp.write_text("\n".join(lines) + "\n")
+        tmp.chmod(0o644)
+        tmp.replace(self.passwd_file)  # atomic: Dovecot never reads half a file
+
+    def _write_config(self) -> None:
+        b = self.base
+        (b / "run").mkdir(exist_ok=True)
+        (b / "state").mkdir(exist_ok=True)
+        self.config_file.write_text(f"""\
+# Written by tests/services.py for one test session.
+instance_name = {self.instance}
+base_dir = {b}/run
+state_dir = {b}/state
+protocols = imap
+listen = 127.0.0.1
+log_path = {self.logfile}
+verbose_proctitle = yes
+default_internal_user = {self._internal_user}
+default_internal_group = {self._internal_user}
+default_login_user = {self._login_user}
+first_valid_uid = {min(self._uid, 500)}
+ssl = required
+ssl_cert = <{self.cert_file}
+ssl_key = <{self.key_file}
+ssl_min_protocol = TLSv1.2
+auth_mechanisms = plain login xoauth2
+auth_failure_delay = 0
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {self.passwd_file}
+}}
+userdb {{
+  driver = passwd-file
+  args = username_format=%u {self.passwd_file}
+}}
+mail_location = maildir:~/Maildir
+mail_fsync = never
+mail_max_userip_connections = 50
+service imap-login {{
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {self.imap_port}
+  }}
+  inet_listener imaps {{
+    address = 127.0.0.1
+    port = {self.imaps_port}
+    ssl = yes
+  }}
+}}
+service anvil {{
+  chroot =
+}}
+service stats {{
+  unix_listener stats-writer {{
+    mode = 0666
+  }}
+}}
+""")
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
+    def start(self, attempts: int = 3) -> None:
+        """Start on free ports; retry with others if one was taken in the meantime."""
+        for _attempt in range(attempts):
+            self.imap_port, self.imaps_port = _free_port(), _free_port()
+            if self.imap_port == self.imaps_port:
+                continue
+            self._write_config()
+            self._proc = subprocess.Popen(
+                [DOVECOT_BINARY, "-c", str(self.config_file), "-F"],
+                cwd=self.base,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=open(self.base / "stderr.log", "ab"),  # noqa: SIM115 - the child owns it
+                start_new_session=True,  # a Ctrl-C in the terminal must not kill it mid-test
+            )
+            deadline = time.monotonic() + READY_TIMEOUT_S
+            while time.monotonic() < deadline and self._proc.poll() is None:
+                if all(_port_open(p) for p in (self.imap_port, self.imaps_port)):
+                    return
+                time.sleep(0.05)
+            self.stop()
+        raise RuntimeError("dovecot failed to start" + self._log_tail())
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def imap_processes(self, user: str | None = None) -> list[int]:
+        """Pids of this instance's ``imap`` processes (one per logged-in session), by user."""
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid != self.pid or not title.startswith(f"{self.instance}/imap "):
+                continue
+            if user is None or f"[{user} " in title:
+                found.append(int(entry.name))
+        return found
+
+    def kill_sessions(self, user: str) -> int:
+        """SIGKILL the user's imap processes: their clients see the connection drop."""
+        pids = self.imap_processes(user)
+        for pid in pids:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return len(pids)
+
+    def _log_tail(self) -> str:
+        text = ""
+        for name in ("dovecot.log", "stderr.log"):
+            with suppress(OSError):
+                text += f"\n{name} (tail):\n" + (self.base / name).read_text(
+                    errors="replace")[-3000:]
+        return text
+
+    def log_text(self) -> str:
+        try:
+            return self.logfile.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def remove(self) -> None:
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def dovecot(pytestconfig: pytest.Config) -> Iterator[DovecotServer]:
+    """A private Dovecot for this session (see :class:`DovecotServer`): ``.imaps_port``,
+    ``.imap_port`` (STARTTLS), ``.ca_file``, ``.add_user()``, ``.kill_sessions()``.
+    Stopped and deleted at the end of the session."""
+    _ensure_dovecot(pytestconfig)
+    try:
+        server = DovecotServer()
+    except (OSError, KeyError, RuntimeError) as exc:
+        _unavailable(pytestconfig, f"cannot prepare Dovecot: {exc}")
+    try:
+        server.start()
+        _say(pytestconfig, f"Dovecot on 127.0.0.1:{server.imaps_port} (imaps) and "
+                           f":{server.imap_port} (STARTTLS)")
+        yield server
+    finally:
+        try:
+            server.stop()
+        finally:
+            server.remove()
+
+
+@pytest.fixture
+def imap_user(dovecot: DovecotServer) -> tuple[str, str]:
+    """A fresh user (own, empty Maildir) on the session's Dovecot: ``(name, password)``."""
+    name = f"u{uuid.uuid4().hex[:10]}"
+    password = uuid.uuid4().hex
+    dovecot.add_user(name, password)
+    return name, password
+
+
+# --- RabbitMQ (the AMQP broker) ---------------------------------------------------------------
+
+
+def _find_epmd() -> str | None:
+    found = shutil.which("epmd")
+    if found:
+        return found
+    candidates = sorted(glob.glob("/usr/lib/erlang/erts-*/bin/epmd"))
+    return candidates[-1] if candidates else None
+
+
+def _ensure_rabbitmq(config: pytest.Config) -> tuple[Path, str]:
+    """Debian's rabbitmq-server scripts and epmd, installed with apt-get if missing."""
+
+    def found() -> tuple[Path, str] | None:
+        epmd = _find_epmd()
+        if (RABBITMQ_BINDIR / "rabbitmq-server").exists() and epmd:
+            return RABBITMQ_BINDIR, epmd
+        return None
+
+    result = found()
+    if result is not None:
+        return result
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        _unavailable(
+            config,
+            f"RabbitMQ not found ({RABBITMQ_BINDIR}/rabbitmq-server); install it with: "
+            "apt-get install rabbitmq-server",
+        )
+    _say(config, "RabbitMQ not found; installing the Debian package")
+    if not _apt_install(config, ["rabbitmq-server"]):
+        _unavailable(config, "apt-get install rabbitmq-server failed")
+    result = found()
+    if result is None:
+        _unavailable(config, f"rabbitmq-server installed but {RABBITMQ_BINDIR} or epmd missing")
+    return result
+
+
+class RabbitMQServer:
+    """A private RabbitMQ node (what ``rabbitmq_server`` yields).
+
+    Everything is its own: a temp dir for Mnesia, logs, configuration and the Erlang cookie
+    (``HOME``), an epmd on a free port (so no epmd daemon outlives the tests and the machine's
+    own node is never seen), a node name ``tg-test-<random>@localhost``, and free AMQP and
+    distribution ports on 127.0.0.1.  Nothing is read from /etc/rabbitmq.
+    """
+
+    def __init__(self, bindir: Path, epmd: str) -> None:
+        self.bindir = bindir
+        self.epmd = epmd
+        self.base = Path(tempfile.mkdtemp(prefix="ticketgate-rabbitmq-"))
+        self.node = f"tg-test-{uuid.uuid4().hex[:10]}@localhost"
+        self.logfile = self.base / "server.log"
+        self.port = 0
+        self.dist_port = 0
+        self.epmd_port = 0
+        self._epmd: subprocess.Popen[bytes] | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def prepare(self) -> None:
+        self.port, self.dist_port, self.epmd_port = _free_port(), _free_port(), _free_port()
+        (self.base / "home").mkdir()
+        cookie = self.base / "home" / ".erlang.cookie"  # shared by server and rabbitmqctl
+        cookie.write_text(secrets.token_hex(20).upper())
+        cookie.chmod(0o400)
+        (self.base / "enabled_plugins").write_text("")
+        (self.base / "rabbitmq-env.conf").write_text("")
+        (self.base / "rabbitmq.conf").write_text(
+            f"listeners.tcp.1 = 127.0.0.1:{self.port}\n"
+            "loopback_users.guest = true\n"  # guest/guest, from 127.0.0.1 only
+        )
+
+    def env(self) -> dict[str, str]:
+        base = str(self.base)
+        return {
+            **os.environ,
+            "HOME": f"{base}/home",
+            "ERL_EPMD_PORT": str(self.epmd_port),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_MNESIA_BASE": f"{base}/mnesia",
+            "RABBITMQ_LOG_BASE": f"{base}/log",
+            "RABBITMQ_LOGS": "-",  # to stdout, i.e. our log file
+            "RABBITMQ_PID_FILE": f"{base}/rabbit.pid",
+            "RABBITMQ_ENABLED_PLUGINS_FILE": f"{base}/enabled_plugins",
+            "RABBITMQ_CONF_ENV_FILE": f"{base}/rabbitmq-env.conf",
+            "RABBITMQ_CONFIG_FILE": f"{base}/rabbitmq.conf",
+            "RABBITMQ_ADVANCED_CONFIG_FILE": f"{base}/advanced.config",
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+        }
+
+    def start(self) -> None:
+        env = self.env()
+        if self._epmd is None or self._epmd.poll() is not None:
+            self._epmd = subprocess.Popen(
+                [self.epmd, "-port", str(self.epmd_port), "-address", "127.0.0.1"],
+                env=env, cwd=self.base, stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            )  # fmt: skip
+        with self.logfile.open("ab") as log:
+            self._proc = subprocess.Popen(
+                [str(self.bindir / "rabbitmq-server")],
+                env=env, cwd=self.base, stdin=subprocess.DEVNULL,
+                stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own group: stop() signals the whole node
+            )  # fmt: skip
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        """``rabbitmqctl await_startup`` fails at once until the node has registered with
+        epmd, so retry it until the broker is up (typically 5-10 s)."""
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            assert self._proc is not None
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"rabbitmq-server exited {self._proc.returncode}"
+                                   + self._log_tail())
+            try:
+                proc = self.ctl("await_startup", "--timeout", "10", timeout=20)
+            except subprocess.TimeoutExpired:
+                proc = None
+            if proc is not None and proc.returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                out = proc.stdout + proc.stderr if proc is not None else "(timed out)"
+                self.stop()
+                raise RuntimeError(f"RabbitMQ node {self.node} did not start:\n{out}"
+                                   + self._log_tail())
+            time.sleep(0.5)
+
+    def ctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run ``rabbitmqctl -n NODE ARGS`` against this node."""
+        return subprocess.run(
+            [str(self.bindir / "rabbitmqctl"), "-n", self.node, *args],
+            env=self.env(), cwd=self.base, stdin=subprocess.DEVNULL,
+            capture_output=True, text=True, timeout=timeout, check=False,
+        )  # fmt: skip
+
+    def stop(self) -> None:
+        """Stop the node (SIGTERM to its process group: Erlang shuts down cleanly), then epmd."""
+        for proc in (self._proc, self._epmd):
+            if proc is None:
+                continue
+            with suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                with suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            with suppress(ProcessLookupError):  # stragglers: erl_child_setup, inet_gethost
+                os.killpg(proc.pid, signal.SIGKILL)
+        self._proc = self._epmd = None
+
+    def _log_tail(self) -> str:
+        try:
+            return "\nrabbitmq log (tail):\n" + self.logfile.read_text(errors="replace")[-3000:]
+        except OSError:
+            return ""
+
+    def remove(self) -> None:
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_server(pytestconfig: pytest.Config) -> Iterator[RabbitMQServer]:
+    """A private RabbitMQ node for this session: ``.url``
+    (``amqp://guest:guest@127.0.0.1:PORT//``), ``.ctl(...)`` (rabbitmqctl) and ``.stop()``.
+    Stopped and deleted at the end of the session."""
+    bindir, epmd = _ensure_rabbitmq(pytestconfig)
+    server = RabbitMQServer(bindir, epmd)
+    try:
+        server.prepare()
+        started = time.monotonic()
+        server.start()
+        _say(pytestconfig, f"RabbitMQ node {server.node} on 127.0.0.1:{server.port} "
+                           f"(started in {time.monotonic() - started:.1f}s)")
+        yield server
+    finally:
+        try:
+            server.stop()
+        finally:
+            server.remove()

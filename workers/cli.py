@@ -128,6 +128,43 @@ def smtp(
 
 
 @app.command()
+def api(
+    config: ConfigOption = None,
+    host: Annotated[str | None, typer.Option(help="Listen address.")] = None,
+    port: Annotated[int | None, typer.Option(help="Listen port.")] = None,
+) -> None:
+    """The HTTP API: SuperOffice agents, Autotask Tickets, /healthz, /metrics (uvicorn)."""
+    _use_config(config)
+    from workers import runtime
+    from workers.api import serve_api
+
+    runtime.configure_logging()
+    serve_api(runtime.ingestor(), host=host, port=port)
+
+
+@app.command()
+def imap(
+    config: ConfigOption = None,
+    mailbox: Annotated[list[int] | None, typer.Option(
+        "--mailbox", help="Poll only this mailbox id (repeatable).")] = None,
+    status: Annotated[bool, typer.Option(
+        "--status", help="Print each folder's stored state (last UID, last error) and exit.")
+    ] = False,
+) -> None:
+    """The IMAP poller: one thread per mailbox with `imap` settings (IDLE, else polling)."""
+    _use_config(config)
+    from workers import runtime
+    from workers.celery_app import enqueue
+    from workers.imap import serve_imap, status_lines
+
+    runtime.configure_logging()
+    if status:
+        print("\n".join(status_lines(runtime.ingestor())))
+        raise typer.Exit(0)
+    raise typer.Exit(serve_imap(runtime.ingestor(), enqueue, mailbox_ids=mailbox or ()))
+
+
+@app.command()
 def worker(
     config: ConfigOption = None,
     concurrency: Annotated[int | None, typer.Option(help="Worker processes.")] = None,
@@ -164,12 +201,16 @@ def serve(config: ConfigOption = None) -> None:
     runtime.configure_logging()
     Ingestor(settings).close()  # migrate once, before the roles start in parallel
     print(f"ticketgate serve: database {settings.effective_database_url}, broker "
-          f"{settings.effective_broker_url}, SMTP {settings.smtp_host}:{settings.smtp_port}",
+          f"{settings.effective_broker_url}, SMTP {settings.smtp_host}:{settings.smtp_port}, "
+          f"HTTP {settings.http_host}:{settings.http_port}",
           flush=True)
     children = [
         Child("smtp", role_command("smtp")),
         Child("worker", role_command("worker", "--beat")),
+        Child("api", role_command("api")),
     ]
+    if settings.imap_mailboxes:
+        children.append(Child("imap", role_command("imap")))
     raise typer.Exit(supervise(children))
 
 

@@ -17,7 +17,7 @@ import ssl
 from email.utils import formatdate
 from typing import Any, ClassVar
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
 from ingest.config import Settings
 from ingest.errors import SpoolError
@@ -26,9 +26,21 @@ from ingest.spool import Envelope as SpoolEnvelope
 
 log = logging.getLogger("ticketgate.smtp")
 
+# Upper bound of the Received header's length, apart from the configured hostname: HELO and
+# the RCPT address are each under 512 bytes (aiosmtpd's command line limit), the IP under 46,
+# the fixed text and the date about 130.
+RECEIVED_HEADER_RESERVE = 2048
+
 
 class TicketgateSMTP(SMTP):
-    """aiosmtpd's SMTP with a cap on concurrent sessions."""
+    """aiosmtpd's SMTP with a cap on concurrent sessions, and an idle timeout that is idle.
+
+    aiosmtpd re-arms its timeout only when a *command* arrives, so a client that is busy
+    streaming a large mail in DATA for longer than ``[smtp] timeout`` was cut off mid-transfer
+    (and, retrying, could never deliver that mail).  Here, bytes arriving during DATA also count
+    as activity.  Outside DATA the timer still runs per command, so a client sending junk lines
+    cannot keep a session open forever.  On timeout the client is told ``421 4.4.2`` first.
+    """
 
     active_sessions: ClassVar[int] = 0
     max_sessions: ClassVar[int] = 200
@@ -36,11 +48,13 @@ class TicketgateSMTP(SMTP):
     # CRLF.CRLF, so SMTP smuggling stays impossible).
     line_length_limit = 64 * 1024
 
-    # aiosmtpd's own size refusals carry no enhanced status code (RFC 3463); add it.
+    # Some of aiosmtpd's own refusals carry no enhanced status code (RFC 3463); add it.
     _REPLY_REWRITES: ClassVar[dict[str, str]] = {
         "552 Error: Too much mail data": "552 5.3.4 Message too big for this system",
         "552 Error: message size exceeds fixed maximum message size":
             "552 5.3.4 Message size exceeds the fixed maximum",
+        "530 Must issue a STARTTLS command first":
+            "530 5.7.0 Must issue a STARTTLS command first",  # RFC 3207 section 4
     }
 
     async def push(self, status: Any) -> None:
@@ -65,6 +79,27 @@ class TicketgateSMTP(SMTP):
         TicketgateSMTP.active_sessions = max(0, TicketgateSMTP.active_sessions - 1)
         super().connection_lost(error)
 
+    _in_data: bool = False
+
+    @syntax("DATA")  # keeps HELP DATA working
+    async def smtp_DATA(self, arg: str) -> None:
+        self._in_data = True
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self._in_data = False
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_data:
+            self._reset_timeout()
+        super().data_received(data)
+
+    def _timeout_cb(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            with contextlib.suppress(Exception):
+                self.transport.write(b"421 4.4.2 Idle timeout, closing connection\r\n")
+        super()._timeout_cb()
+
 
 class SpoolingHandler:
     """aiosmtpd handler: RCPT by mailbox address; DATA spools, enqueues, answers."""
@@ -74,8 +109,30 @@ class SpoolingHandler:
         self.settings: Settings = ingestor.settings
         self.enqueue = enqueue
 
+    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
+                          hostname: str, responses: list[str]) -> list[str]:
+        """Advertise PIPELINING (RFC 2920).  aiosmtpd handles pipelined commands correctly (it
+        reads and answers one line at a time, in order) but does not say so, so well-behaved
+        clients never pipelined.  Also drop aiosmtpd's ``AUTH`` line: after STARTTLS it was
+        advertised with no mechanism at all (an MX takes no logins).  A 5-argument hook must
+        set ``host_name`` itself."""
+        session.host_name = hostname
+        kept = [r for r in responses[:-1] if not r[4:].upper().startswith("AUTH")]
+        return [*kept, "250-PIPELINING", responses[-1]]
+
+    async def handle_exception(self, error: Exception) -> str:
+        """Any unexpected failure is our problem, not the client's: answer a temporary 451 (the
+        sender retries) instead of aiosmtpd's default ``500 Error: (Type) text``, which made
+        senders bounce the mail and leaked internal error text."""
+        log.error("SMTP session error: %s: %s", type(error).__name__, error, exc_info=error)
+        return "451 4.3.0 Temporary local problem, try again later"
+
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
+        if not _valid_utf8(address):
+            # With SMTPUTF8 on, aiosmtpd decodes with surrogateescape; such a string cannot be
+            # stored (the spool write raised UnicodeEncodeError and the client got a 500).
+            return "553 5.1.7 Sender address is not valid UTF-8"
         backlog = await asyncio.to_thread(self.ingestor.backlog)
         if backlog >= self.settings.smtp.backlog_limit:
             log.warning("backlog %d >= %d: deferring new mail", backlog,
@@ -87,6 +144,8 @@ class SpoolingHandler:
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
+        if not _valid_utf8(address):
+            return "553 5.1.3 Recipient address is not valid UTF-8"
         if len(envelope.rcpt_tos) >= self.settings.smtp.max_recipients:
             return "452 4.5.3 Too many recipients"
         if self.settings.mailbox_for_address(_bare(address)) is None:
@@ -107,7 +166,7 @@ class SpoolingHandler:
         raw = self._received_header(session, envelope, peer_ip, queue_id) + content
         spool_envelope = SpoolEnvelope(mail_from=envelope.mail_from,
                                        rcpt_to=list(envelope.rcpt_tos),
-                                       client_ip=peer_ip, helo=session.host_name)
+                                       client_ip=peer_ip, helo=_text(session.host_name))
         try:
             ids = await asyncio.to_thread(self.ingestor.receive_many, raw, mailboxes, "smtp",
                                           f"smtp {peer_ip} {queue_id}", spool_envelope)
@@ -137,6 +196,35 @@ def _bare(address: str) -> str:
     return address.strip().strip("<>").strip().lower()
 
 
+def _valid_utf8(text: str) -> bool:
+    """False for strings aiosmtpd decoded from invalid UTF-8 (they hold lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _text(value: str | None) -> str | None:
+    """A storable string: invalid UTF-8 (e.g. in HELO) becomes U+FFFD instead of failing."""
+    if value is None:
+        return None
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def data_size_limit(settings: Settings) -> int:
+    """The SIZE advertised and enforced for DATA: ``max_message_bytes`` minus room for the
+    Received header prepended before spooling.
+
+    The pipeline refuses a stored mail longer than ``max_message_bytes``.  Advertising that same
+    number made a mail within a few hundred bytes of the limit get a 250 (so the sender
+    considers it delivered) and then be recorded as "rejected: too large" instead of becoming a
+    ticket.  The header's length is bounded (see ``RECEIVED_HEADER_RESERVE``).
+    """
+    reserve = RECEIVED_HEADER_RESERVE + len(settings.smtp.hostname.encode("utf-8"))
+    return max(1, settings.service.max_message_bytes - reserve)
+
+
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
     cert, key = settings.smtp.tls_cert, settings.smtp.tls_key
     if not cert or not key:
@@ -159,7 +247,7 @@ async def serve_smtp(ingestor: Ingestor, enqueue: Any, *, host: str | None = Non
             handler,
             hostname=settings.smtp.hostname,
             ident="ticketgate ESMTP",
-            data_size_limit=settings.service.max_message_bytes,
+            data_size_limit=data_size_limit(settings),
             enable_SMTPUTF8=True,
             decode_data=False,
             tls_context=context,

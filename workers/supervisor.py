@@ -38,6 +38,48 @@ def role_command(role: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "workers.cli", role, *args]
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children first), read from /proc; [] without /proc.
+
+    Needed when a child has to be killed: SIGKILL reaches only the worker's main process, and
+    its prefork pool processes and embedded beat were left running as orphans (the beat kept
+    scheduling sweeps) after ``serve`` had exited.
+    """
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", encoding="ascii", errors="replace") as stat:
+                ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(name))
+    found: list[int] = []
+    todo = list(children.get(pid, []))
+    while todo:
+        current = todo.pop(0)
+        found.append(current)
+        todo.extend(children.get(current, []))
+    return found
+
+
+def kill_tree(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a child and everything it started, then reap the child."""
+    below = descendants(process.pid)
+    process.kill()
+    for pid in below:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:  # already gone
+            continue
+    process.wait()
+
+
 def supervise(children: list[Child], env: dict[str, str] | None = None) -> int:
     env = dict(env or os.environ)
     stopping = False
@@ -78,6 +120,5 @@ def supervise(children: list[Child], env: dict[str, str] | None = None) -> int:
             child.process.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             log.warning("%s did not stop in time; killing it", child.name)
-            child.process.kill()
-            child.process.wait()
+            kill_tree(child.process)
     return 0

@@ -10,19 +10,39 @@ from __future__ import annotations
 
 import re
 from email.message import Message
+from email.utils import getaddresses, parseaddr
 
 from ingest.context import Classification, MailContext, Outcome
 from ingest.parse import ParsedMail, _ids, decode_header_value, normalize_message_id
 
 LOOP_MARKER = "ticketgate"
 
-_BOUNCE_SENDER = re.compile(r"^(mailer-daemon|postmaster|mail-daemon|mailerdaemon)@", re.I)
+# Who sends bounces: the MTA's own mailbox (RFC 5321 4.5.1 postmaster, the sendmail-era
+# MAILER-DAEMON, spelled many ways), with or without a domain ("From: mailer-daemon",
+# "From: MAILER-DAEMON <>"), or under the display names MTAs give it.  RT's rule is the local part.
+_BOUNCE_LOCAL_PART = re.compile(r"^(mailer[-_.]?daemon|mail[-_.]?daemon|post[-_.]?master)$", re.I)
+_BOUNCE_DISPLAY_NAME = re.compile(
+    r"^(mail(er)?[ -]?delivery[ -]?(sub)?system|mail[ -]?delivery[ -]?service|mailer[- ]?daemon"
+    r"|post[ -]?master|mail administrator|returned mail)$",
+    re.I,
+)
 _BOUNCE_SUBJECT = re.compile(
-    r"^(undeliver(ed|able)|delivery (status notification|failure|has failed|notification)"
-    r"|mail delivery (failed|failure|subsystem|system)|returned mail|failure notice"
+    r"^(undeliver(ed|able)|delivery (status|failure|has failed|notification|report|problem)"
+    r"|mail delivery (failed|failure|subsystem|system|problem)|returned mail|failure notice"
     r"|non[- ]?deliver|delivery report|message not delivered|warning: could not send"
+    r"|(mail|message) (could not|couldn't|was not|cannot) be delivered|failed delivery"
+    r"|there was an error sending your mail|mail system error|delayed mail"
     r"|unzustellbar|nicht zustellbar|undelivered mail returned)",
     re.I,
+)
+# RFC 3464 / RFC 6533 delivery reports and RFC 5965 (ARF) complaints, wherever they are nested:
+# some MTAs put them in multipart/mixed, some send the report part alone.
+_REPORT_PARTS = frozenset(
+    {"message/delivery-status", "message/global-delivery-status", "message/feedback-report"}
+)
+# The returned original (or its header), which a bounce carries and a person rarely attaches.
+_RETURNED_PARTS = frozenset(
+    {"message/rfc822", "text/rfc822-headers", "message/global", "message/global-headers"}
 )
 _AUTOREPLY_SUBJECT = re.compile(
     r"^(auto(matic)?[ -]?(reply|response|antwort|svar)|out of (the )?office|ooo\b"
@@ -31,6 +51,14 @@ _AUTOREPLY_SUBJECT = re.compile(
     re.I,
 )
 _BULK_PRECEDENCE = {"bulk", "junk", "list"}
+_BULK_HEADERS = (
+    "List-Id", "List-Unsubscribe", "List-Post", "List-Subscribe", "List-Help", "List-Owner",
+    "List-Archive", "Mailing-List", "X-Mailing-List", "Feedback-ID",
+)
+# Amazon SES event notifications delivered by mail (through SNS): a JSON document whose
+# notificationType says Bounce, Complaint or Delivery (sisimai reads them the same way).
+_SES_NOTIFICATION = re.compile(r'notificationType\\?"\s*:\s*\\?"(Bounce|Complaint|Delivery)\\?"')
+_SES_SENDER = re.compile(r"(@sns\.amazonaws\.com|amazonses\.com)$", re.I)
 
 
 def _auto_reply_reasons(msg: Message, mail: ParsedMail) -> list[str]:
@@ -46,7 +74,9 @@ def _auto_reply_reasons(msg: Message, mail: ParsedMail) -> list[str]:
         reasons.append(f"X-Auto-Response-Suppress: {suppress[:40]}")
     if str(msg.get("Precedence", "")).strip().lower() == "auto_reply":
         reasons.append("Precedence: auto_reply")
-    if msg.get("X-MS-Exchange-Inbox-Rules-Loop") or msg.get("X-MS-Exchange-Generated-Message-Source"):
+    if msg.get("X-MS-Exchange-Inbox-Rules-Loop") or msg.get(
+        "X-MS-Exchange-Generated-Message-Source"
+    ):
         reasons.append("Exchange generated message")
     if _AUTOREPLY_SUBJECT.match(_strip_reply_prefix(mail.subject)):
         reasons.append(f"subject {mail.subject[:60]!r}")
@@ -65,29 +95,94 @@ def _null_return_path(msg: Message) -> bool:
     return any(str(v).strip() in ("<>", "") for v in msg.get_all("Return-Path", []))
 
 
+def _is_bounce_mailbox(name: str, address: str) -> bool:
+    local = address.strip().strip("<>").rpartition("@")[0] or address.strip().strip("<>")
+    return bool(_BOUNCE_LOCAL_PART.match(local) or _BOUNCE_DISPLAY_NAME.match(name.strip()))
+
+
+def _bounce_sender(msg: Message, mail: ParsedMail) -> str | None:
+    """The From header names the MTA itself (read raw: the parsed address is often empty)."""
+    if _is_bounce_mailbox(mail.from_name, mail.from_address):
+        return mail.from_address or mail.from_name
+    for value in msg.get_all("From", []):
+        text = decode_header_value(value)
+        for name, address in getaddresses([text]):
+            if _is_bounce_mailbox(name, address or text):
+                return address or name or text.strip()
+    return None
+
+
+def _bounce_return_path(msg: Message) -> bool:
+    """An envelope sender of MAILER-DAEMON@host: some MTAs use it instead of the null sender."""
+    for value in msg.get_all("Return-Path", []):
+        _name, address = parseaddr(str(value))
+        if address and _is_bounce_mailbox("", address):
+            return True
+    return False
+
+
+def _part_types(msg: Message) -> set[str]:
+    types: set[str] = set()
+    for part in msg.walk():
+        types.add(part.get_content_type())
+        if len(types) > 200:  # hostile nesting: enough to decide
+            break
+    return types
+
+
 def _bounce_reasons(msg: Message, mail: ParsedMail) -> list[str]:
+    """Evidence that this is a delivery report, modelled on what RT, Zammad and sisimai check.
+
+    Conclusive on its own: an RFC 3464/6533 delivery-status or RFC 5965 feedback-report part
+    (in a multipart/report or not), ``X-Failed-Recipients`` (Exim), or a From naming the MTA's
+    own mailbox (RT's rule).  A bounce-like subject, or a returned original mail, counts only
+    when the message is also machine-sent: null or MAILER-DAEMON envelope sender, Auto-Submitted.
+    """
     reasons = []
     ctype = msg.get_content_type()
     report_type = str(msg.get_param("report-type") or "").lower()
+    types = _part_types(msg)
     if ctype == "multipart/report" and report_type in ("delivery-status", "feedback-report"):
         reasons.append(f"multipart/report; report-type={report_type}")
+    elif found := sorted(types & _REPORT_PARTS):
+        reasons.append(f"{found[0]} part")
     if msg.get("X-Failed-Recipients"):
         reasons.append("X-Failed-Recipients present")
-    from_bounce_address = bool(_BOUNCE_SENDER.match(mail.from_address))
-    bounce_subject = bool(_BOUNCE_SUBJECT.match(_strip_reply_prefix(mail.subject)))
-    if from_bounce_address and (bounce_subject or _null_return_path(msg) or not reasons):
-        reasons.append(f"sent by {mail.from_address}")
-    elif bounce_subject and _null_return_path(msg):
-        reasons.append("bounce subject with null Return-Path")
-    return reasons
+    if sender := _bounce_sender(msg, mail):
+        reasons.append(f"sent by {sender[:80]}")
+    if reasons:
+        return reasons
+    if _SES_SENDER.search(mail.from_address) and (
+        found_ses := _SES_NOTIFICATION.search(mail.text[:20_000])
+    ):
+        return [f"Amazon SES {found_ses.group(1)} notification"]
+    machine_sent = []
+    if _null_return_path(msg):
+        machine_sent.append("null Return-Path")
+    elif _bounce_return_path(msg):
+        machine_sent.append("Return-Path is MAILER-DAEMON")
+    auto_submitted = str(msg.get("Auto-Submitted", "")).strip().lower()
+    if auto_submitted and auto_submitted != "no":
+        machine_sent.append(f"Auto-Submitted: {auto_submitted[:40]}")
+    if not machine_sent:
+        return []
+    if _BOUNCE_SUBJECT.match(mail.subject.strip()):
+        return [f"bounce subject {mail.subject[:60]!r}", *machine_sent]
+    if ctype == "multipart/report" and report_type != "disposition-notification":
+        return [f"multipart/report; report-type={report_type or '(none)'}", *machine_sent]
+    if returned := sorted(types & _RETURNED_PARTS):
+        return [f"returned {returned[0]} part", *machine_sent]
+    return []
 
 
 def _bulk_reasons(msg: Message) -> list[str]:
+    """List and campaign mail: Precedence, the RFC 2919/2369 list headers, the older list
+    managers' own (ezmlm ``Mailing-List``, SmartList/vger ``X-Mailing-List``), ESP Feedback-ID."""
     reasons = []
     precedence = str(msg.get("Precedence", "")).strip().lower()
     if precedence in _BULK_PRECEDENCE:
         reasons.append(f"Precedence: {precedence}")
-    for header in ("List-Id", "List-Unsubscribe", "List-Post", "Feedback-ID"):
+    for header in _BULK_HEADERS:
         if msg.get(header) is not None:
             reasons.append(f"{header} present")
     return reasons
@@ -100,11 +195,10 @@ def _bounced_message_ids(msg: Message) -> tuple[list[str], str]:
     for part in msg.walk():
         ctype = part.get_content_type()
         headers: Message | None = None
-        if ctype == "message/rfc822":
-            payload = part.get_payload()
-            if isinstance(payload, list) and payload:
-                headers = payload[0]
-        elif ctype == "text/rfc822-headers":
+        payload = part.get_payload()
+        if ctype.startswith("message/") and isinstance(payload, list) and payload:
+            headers = payload[0]  # message/rfc822, message/global, message/rfc822-headers
+        elif ctype in ("text/rfc822-headers", "message/global-headers"):
             from email.parser import HeaderParser
 
             text = part.get_payload(decode=True) or b""

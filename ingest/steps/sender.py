@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from email.utils import parseaddr
 
 from sqlalchemy import select
@@ -33,7 +34,8 @@ def contact_for_domain(session: Session, domain: str) -> Contact | None:
 
 
 def split_name(display: str, address: str) -> tuple[str, str]:
-    display = display.strip().strip('"').strip()
+    display = re.sub(r"\([^)]*\)", " ", display)  # "Michael Thompson (TechCorp)"
+    display = " ".join(display.strip().strip('"').split())
     if not display or "@" in display:
         return address.split("@", 1)[0], ""
     if "," in display:  # "Thompson, Michael"

@@ -10,6 +10,7 @@ import datetime as dt
 
 from sqlalchemy import insert, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from ingest.context import MailContext, Outcome
 from ingest.models import Attachment, Message, Ticket, TicketNumberCounter, utcnow
@@ -20,8 +21,13 @@ MAX_TITLE = 255
 
 def next_ticket_number(ctx: MailContext, now: dt.datetime) -> str:
     """Autotask-style ``TYYYYMMDD.NNNN`` with a per-UTC-day sequence (seed 004)."""
-    day = now.strftime("%Y%m%d")
-    session = ctx.session
+    return allocate_ticket_number(ctx.session, now)
+
+
+def allocate_ticket_number(session: Session, now: dt.datetime) -> str:
+    """The allocator behind :func:`next_ticket_number`, for callers without a MailContext (the
+    HTTP API's SaveTicketEntity and Autotask create), so every ticket shares one sequence."""
+    day = now.astimezone(dt.UTC).strftime("%Y%m%d")
     for _attempt in range(3):
         seq = session.execute(
             update(TicketNumberCounter)

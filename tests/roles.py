@@ -1,0 +1,79 @@
+"""Run ticketgate's long-running roles (``python -m workers.cli ...``) as real processes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+
+class Role:
+    """One ``python -m workers.cli ...`` role in its own process group (so a SIGKILL reaches
+    the prefork children and the embedded beat too), with its output in a log file."""
+
+    START_MARK = "===== test harness: start"
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], logdir: Path) -> None:
+        self.name = name
+        self.args = args
+        self.env = env
+        self.logfile = logdir / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        self._log = self.logfile.open("ab")
+        self._log.write(f"\n{self.START_MARK} #{self.starts + 1} at {time.time():.3f}\n".encode())
+        self._log.flush()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "workers.cli", *self.args],
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.starts += 1
+
+    def log_text(self) -> str:
+        try:
+            return self.logfile.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def wait_for_log(self, needle: str, timeout: float) -> None:
+        """Wait until the current run (since the last start) has logged ``needle``."""
+        deadline = time.monotonic() + timeout
+        while needle not in self.log_text().rpartition(self.START_MARK)[2]:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited {self.proc.returncode}:\n"
+                                     + self.log_text()[-4000:])
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name}: no {needle!r} within {timeout}s:\n"
+                                     + self.log_text()[-4000:])
+            time.sleep(0.1)
+
+    def kill_group(self, sig: signal.Signals = signal.SIGKILL) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if sig != signal.SIGKILL:  # stragglers of a graceful stop
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
