@@ -74,20 +74,26 @@ MAX_SIZE = 80 * 1024
 
 COMPANY_NAMES = [
     ("Globex", "globex.example"), ("Initech", "initech.example"),
-    ("Umbrella Logistics", "umbrella-logistics.example"), ("Stark Components", "stark-comp.example"),
-    ("Wayne Facilities", "wayne-facilities.example"), ("Hooli Cloud", "hooli.example"),
-    ("Vandelay Industries", "vandelay.example"), ("Soylent Foods", "soylent.example"),
-    ("Tyrell Systems", "tyrell.example"), ("Cyberdyne Robotics", "cyberdyne.example"),
-    ("Aperture Labs", "aperture.example"), ("Black Mesa Research", "blackmesa.example"),
-    ("Nordwind Handel GmbH", "nordwind-handel.example"), ("Müller & Söhne KG", "mueller-soehne.example"),
-    ("Bäckerei Schröder", "schroeder-backwaren.example"), ("Alpenblick Hotels", "alpenblick.example"),
-    ("Rheinland Versicherung", "rheinland-vers.example"), ("Société Générale de Câbles", "sgc-cables.example"),
-    ("Boulangerie Lefèvre", "lefevre-boulangerie.example"), ("Château Vignobles", "chateau-vignobles.example"),
-    ("Transportes Ibéricos", "transportes-ibericos.example"), ("Clínica Santa Ana", "clinica-santaana.example"),
-    ("Yamato Seiki", "yamato-seiki.example"), ("Sakura Trading", "sakura-trading.example"),
-    ("Fujimoto Denki", "fujimoto-denki.example"), ("Northwind Traders", "northwind.example"),
-    ("Contoso Retail", "contoso-retail.example"), ("Fabrikam Health", "fabrikam-health.example"),
-    ("Tailspin Toys", "tailspin.example"), ("Woodgrove Bank", "woodgrove.example"),
+    ("Umbrella Logistics", "umbrella-logistics.example"),
+    ("Stark Components", "stark-comp.example"), ("Wayne Facilities", "wayne-facilities.example"),
+    ("Hooli Cloud", "hooli.example"), ("Vandelay Industries", "vandelay.example"),
+    ("Soylent Foods", "soylent.example"), ("Tyrell Systems", "tyrell.example"),
+    ("Cyberdyne Robotics", "cyberdyne.example"), ("Aperture Labs", "aperture.example"),
+    ("Black Mesa Research", "blackmesa.example"),
+    ("Nordwind Handel GmbH", "nordwind-handel.example"),
+    ("Müller & Söhne KG", "mueller-soehne.example"),
+    ("Bäckerei Schröder", "schroeder-backwaren.example"),
+    ("Alpenblick Hotels", "alpenblick.example"),
+    ("Rheinland Versicherung", "rheinland-vers.example"),
+    ("Société Générale de Câbles", "sgc-cables.example"),
+    ("Boulangerie Lefèvre", "lefevre-boulangerie.example"),
+    ("Château Vignobles", "chateau-vignobles.example"),
+    ("Transportes Ibéricos", "transportes-ibericos.example"),
+    ("Clínica Santa Ana", "clinica-santaana.example"), ("Yamato Seiki", "yamato-seiki.example"),
+    ("Sakura Trading", "sakura-trading.example"), ("Fujimoto Denki", "fujimoto-denki.example"),
+    ("Northwind Traders", "northwind.example"), ("Contoso Retail", "contoso-retail.example"),
+    ("Fabrikam Health", "fabrikam-health.example"), ("Tailspin Toys", "tailspin.example"),
+    ("Woodgrove Bank", "woodgrove.example"),
 ]  # fmt: skip
 LOCALE_OF_COMPANY = {  # index ranges into COMPANY_NAMES
     **{i: "en" for i in range(12)}, **{i: "de" for i in range(12, 17)},
@@ -267,7 +273,8 @@ def render_config(world: World | None = None) -> str:
         "",
         "[[rule]]",
         'name = "billing"',
-        "match = { subject = '(?i)\\b(invoice|billing|payment|refund|rechnung|facture|factura)\\b' }",
+        "match = { subject = "
+        "'(?i)\\b(invoice|billing|payment|refund|rechnung|facture|factura)\\b' }",
         'set = { category = "Billing", priority = "High", owner = "tom", tags = ["billing"] }',
         "",
         "[[rule]]",
@@ -396,7 +403,8 @@ SENTENCES = {
     ],
 }  # fmt: skip
 SUBJECTS = {
-    "en": ["Cannot log in to the portal", "Invoice {inv} charged twice", "CSV export never finishes",
+    "en": ["Cannot log in to the portal", "Invoice {inv} charged twice",
+           "CSV export never finishes",
            "Sync fails after upgrade to {ver}", "Question about our subscription",
            "URGENT: API returning 502 errors", "Password reset mail not arriving",
            "Mobile app crashes on reports tab", "Request for corrected invoice",
@@ -414,7 +422,8 @@ SUBJECTS = {
            "Urgent : portail inaccessible"],
     "es": ["No podemos iniciar sesión", "Factura {inv} cobrada dos veces",
            "Fallo de sincronización", "Licencias adicionales", "Urgente: portal caído"],
-    "ja": ["ログインできません", "請求書{inv}について", "同期エラーについて", "ライセンス追加のお願い",
+    "ja": ["ログインできません", "請求書{inv}について", "同期エラーについて",
+           "ライセンス追加のお願い",
            "【至急】ポータルに接続できません", "帳票印刷の不具合について"],
 }  # fmt: skip
 GREETING = {
@@ -481,7 +490,8 @@ AUTO_REPLY = {
     "es": ("Respuesta automática: {subject}",
            "Estoy fuera de la oficina hasta el {date}. Para asuntos urgentes, contacte con "
            "{colleague}."),
-    "ja": ("自動応答: {subject}", "{date}まで不在にしております。お急ぎの場合は{colleague}までご連絡ください。"),
+    "ja": ("自動応答: {subject}",
+           "{date}まで不在にしております。お急ぎの場合は{colleague}までご連絡ください。"),
 }  # fmt: skip
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August",
           "September", "October", "November", "December"]
@@ -593,7 +603,8 @@ class Stream:
             return f"CA{_b64ish(rng, 40).replace('/', '_')}@mail.gmail.com"
         if person.client == "apple":
             return f"{rng.randbytes(16).hex().upper()}@{domain}"
-        return f"{rng.randbytes(4).hex()}-{rng.randbytes(2).hex()}-{rng.randbytes(6).hex()}@{domain}"
+        uuid_like = f"{rng.randbytes(4).hex()}-{rng.randbytes(2).hex()}-{rng.randbytes(6).hex()}"
+        return f"{uuid_like}@{domain}"
 
     def boundary(self, client: str) -> str:
         rng = self.rng
@@ -631,8 +642,10 @@ class Stream:
         company = person.company
         lines = ["", person.display, person.title]
         if company:
-            lines += [company.name, f"Tel. +{self.rng.randrange(1, 90)} {self.rng.randrange(100, 999)} "
-                      f"{self.rng.randrange(100000, 9999999)}", f"https://www.{company.domains[0]}"]
+            rng = self.rng
+            phone = (f"+{rng.randrange(1, 90)} {rng.randrange(100, 999)} "
+                     f"{rng.randrange(100000, 9999999)}")
+            lines += [company.name, f"Tel. {phone}", f"https://www.{company.domains[0]}"]
             if company.disclaimer:
                 lines += ["", self.fill(DISCLAIMER.replace("{company}", company.name), "en")]
         return "\n".join(lines)
@@ -651,8 +664,10 @@ class Stream:
                      subject: str, to: str) -> str:
         local = when.astimezone(dt.timezone(dt.timedelta(hours=TZ_OF[locale])))
         if client == "outlook" or self.rng.random() < 0.2:
-            labels = {"en": ("From", "Sent", "To", "Subject"), "de": ("Von", "Gesendet", "An", "Betreff"),
-                      "fr": ("De ", "Envoyé ", "À ", "Objet "), "es": ("De", "Enviado", "Para", "Asunto"),
+            labels = {"en": ("From", "Sent", "To", "Subject"),
+                      "de": ("Von", "Gesendet", "An", "Betreff"),
+                      "fr": ("De ", "Envoyé ", "À ", "Objet "),
+                      "es": ("De", "Enviado", "Para", "Asunto"),
                       "ja": ("差出人", "送信日時", "宛先", "件名")}[locale]  # fmt: skip
             sent = (f"{WEEKDAYS[local.weekday()]}, {MONTHS[local.month - 1]} {local.day}, "
                     f"{local.year} {local:%I:%M %p}")
@@ -716,12 +731,14 @@ class Stream:
                 "text-decoration:underline;}\nspan.EmailStyle17\n\t{mso-style-type:personal-compose;"
                 "\n\tfont-family:\"Calibri\",sans-serif;\n\tcolor:windowtext;}\n.MsoChpDefault\n\t"
                 "{mso-style-type:export-only;\n\tfont-family:\"Calibri\",sans-serif;}\n"
-                "@page WordSection1\n\t{size:612.0pt 792.0pt;\n\tmargin:72.0pt 72.0pt 72.0pt 72.0pt;}"
+                "@page WordSection1\n\t{size:612.0pt 792.0pt;\n\t"
+                "margin:72.0pt 72.0pt 72.0pt 72.0pt;}"
                 "\ndiv.WordSection1\n\t{page:WordSection1;}\n--></style><!--[if gte mso 9]><xml>\n"
                 '<o:shapedefaults v:ext="edit" spidmax="1026" />\n</xml><![endif]-->\n</head>\n'
                 '<body lang="EN-US" link="#0563C1" vlink="#954F72" style="word-wrap:break-word">\n'
                 f'<div class="WordSection1">\n{body}\n'
-                f'<p class="MsoNormal"><o:p>&nbsp;</o:p></p>\n{quoted_html}</div>\n</body>\n</html>\n'
+                f'<p class="MsoNormal"><o:p>&nbsp;</o:p></p>\n{quoted_html}</div>\n'
+                "</body>\n</html>\n"
             )
         if client == "gmail":
             body = "".join(f"<div>{p}</div><div><br></div>" for p in paragraphs)
@@ -730,7 +747,8 @@ class Stream:
                      f'padding-left:1ex">{quoted_html}</blockquote></div>') if quoted_html else ""
             return f'<div dir="ltr">{body}</div>{quote}\n'
         body = "".join(f"<div>{p}</div><div><br></div>" for p in paragraphs)
-        quote = f'<div><br><blockquote type="cite">{quoted_html}</blockquote></div>' if quoted_html else ""
+        quote = (f'<div><br><blockquote type="cite">{quoted_html}</blockquote></div>'
+                 if quoted_html else "")
         return ('<html><head><meta http-equiv="content-type" content="text/html; charset=utf-8">'
                 '</head><body style="overflow-wrap: break-word; -webkit-nbsp-mode: space; '
                 f'line-break: after-white-space;">{body}{quote}</body></html>\n')
@@ -792,21 +810,25 @@ class Stream:
         stamp = self.date_header(when + dt.timedelta(seconds=rng.randrange(1, 40)), "de")
         hops = [
             f"from mx{rng.randrange(1, 4)}.{OUR_DOMAIN} (localhost [127.0.0.1])\n\tby "
-            f"imap.{OUR_DOMAIN} (Postfix) with ESMTP id {_b64ish(rng, 12)}\n\tfor <{SUPPORT}>; {stamp}",
+            f"imap.{OUR_DOMAIN} (Postfix) with ESMTP id {_b64ish(rng, 12)}\n\t"
+            f"for <{SUPPORT}>; {stamp}",
             f"from mail-{_b64ish(rng, 6).lower()}.{domain} (mail.{domain} "
-            f"[198.51.100.{rng.randrange(1, 254)}])\n\tby mx1.{OUR_DOMAIN} (Postfix) with ESMTPS id "
+            f"[198.51.100.{rng.randrange(1, 254)}])\n\tby mx1.{OUR_DOMAIN} (Postfix) "
+            "with ESMTPS id "
             f"{_b64ish(rng, 10)}\n\tfor <{SUPPORT}>; {stamp}",
         ]
         if person.client == "outlook":
-            hops.append(f"from AM{rng.randrange(0, 9)}PR07MB{rng.randrange(1000, 9999)}.eurprd07.prod"
-                        f".outlook.com ([fe80::{rng.randbytes(2).hex()}]) by AM0PR07MB.eurprd07.prod."
-                        f"outlook.com ([fe80::{rng.randbytes(2).hex()}%5]) with mapi id 15.20.7362.019"
+            host = f"AM{rng.randrange(0, 9)}PR07MB{rng.randrange(1000, 9999)}"
+            hops.append(f"from {host}.eurprd07.prod.outlook.com ([fe80::{rng.randbytes(2).hex()}])"
+                        " by AM0PR07MB.eurprd07.prod.outlook.com "
+                        f"([fe80::{rng.randbytes(2).hex()}%5]) with mapi id 15.20.7362.019"
                         f"; {self.date_header(when, 'de')}")
         for hop in hops:
             msg["Received"] = hop
         msg["DKIM-Signature"] = (
-            f"v=1; a=rsa-sha256; c=relaxed/relaxed; d={domain}; s=selector{rng.randrange(1, 3)};\n\t"
-            f"t={int(when.timestamp())}; h=From:To:Subject:Date:Message-ID:Content-Type:MIME-Version;"
+            f"v=1; a=rsa-sha256; c=relaxed/relaxed; d={domain}; "
+            f"s=selector{rng.randrange(1, 3)};\n\tt={int(when.timestamp())}; "
+            "h=From:To:Subject:Date:Message-ID:Content-Type:MIME-Version;"
             f"\n\tbh={_b64ish(rng, 43)}=;\n\tb=" + "\n\t  ".join(_b64ish(rng, 64) for _ in range(5))
         )
         charset = CHARSET_OF[locale] if rng.random() < 0.7 else "utf-8"
@@ -844,8 +866,9 @@ class Stream:
         else:
             msg["X-Mailer"] = rng.choice(["Becky! ver. 2.81.05", "Microsoft Outlook 16.0",
                                           "Thunderbird 115.8.1"])
-        msg["Authentication-Results"] = (f"mx1.{OUR_DOMAIN};\n\tdkim=pass header.d={domain};\n\t"
-                                         f"spf=pass smtp.mailfrom={domain};\n\tdmarc=pass header.from={domain}")
+        msg["Authentication-Results"] = (
+            f"mx1.{OUR_DOMAIN};\n\tdkim=pass header.d={domain};\n\t"
+            f"spf=pass smtp.mailfrom={domain};\n\tdmarc=pass header.from={domain}")
 
     @staticmethod
     def address(name: str, addr: str, charset: str) -> str:
@@ -982,7 +1005,8 @@ class Stream:
         if style in ("token", "tag"):  # the customer answers an agent's mail
             thread.agent_replies += 1
             agent_when = when - dt.timedelta(minutes=rng.randrange(5, 600))
-            greeting = {"de": "Hallo", "fr": "Bonjour", "es": "Hola", "ja": "いつもお世話になっております。"}
+            greeting = {"de": "Hallo", "fr": "Bonjour", "es": "Hola",
+                        "ja": "いつもお世話になっております。"}
             agent_text = (f"{greeting.get(locale, 'Hello')} {person.first},\n\n"
                           f"{rng.choice(AGENT_TEXT)}\n\nBest regards,\n{agent_name}\nHelpdesk Team")
             thread.history.append((agent_name, agent_addr, agent_when, agent_text))
@@ -1100,8 +1124,8 @@ class Stream:
         mid = f"{rng.randbytes(8).hex()}@mx1.{OUR_DOMAIN}"
 
         def build(scale: float) -> Message:
-            report = MIMEMultipart("report", boundary=f"{rng.randbytes(6).hex()}.{int(when.timestamp())}"
-                                   f"/mx1.{OUR_DOMAIN}")
+            boundary = f"{rng.randbytes(6).hex()}.{int(when.timestamp())}/mx1.{OUR_DOMAIN}"
+            report = MIMEMultipart("report", boundary=boundary)
             report.set_param("report-type", "delivery-status")
             notice = (f"This is the mail system at host mx1.{OUR_DOMAIN}.\n\nI'm sorry to have to "
                       "inform you that your message could not\nbe delivered to one or more "
@@ -1131,8 +1155,8 @@ class Stream:
                 original["In-Reply-To"] = f"<{thread.customer_ids[-1]}>"
                 original["References"] = f"<{thread.customer_ids[-1]}>"
             if exchange:
-                headers = MIMEText(original.as_string().split("\n\n", 1)[0] + "\n", "rfc822-headers",
-                                   "us-ascii")
+                header_block = original.as_string().split("\n\n", 1)[0] + "\n"
+                headers = MIMEText(header_block, "rfc822-headers", "us-ascii")
                 report.attach(headers)
             else:
                 report.attach(MIMEMessage(original))
@@ -1194,7 +1218,6 @@ class Stream:
         return self.finish(build, "newsletter", "ignored", None)
 
     def vendor_pitch(self) -> GeneratedMail:
-        rng = self.rng
         when = self.tick()
         person = Person("Chad", "Closer", "chad@promo.vendor.example", "en", None, False, "gmail",
                         "Account Executive")
@@ -1214,9 +1237,11 @@ class Stream:
     def duplicate(self) -> GeneratedMail:
         """The same mail delivered again (another Received line, same Message-ID)."""
         rng = self.rng
-        candidates = [m for m in self.sent[-200:] if m.kind in ("new", "reply-token", "reply-customer")]
+        candidates = [m for m in self.sent[-200:]
+                      if m.kind in ("new", "reply-token", "reply-customer")]
         original = rng.choice(candidates)
-        hop = (f"Received: from mx2.{OUR_DOMAIN} (mx2.{OUR_DOMAIN} [192.0.2.{rng.randrange(2, 250)}])"
+        peer = f"mx2.{OUR_DOMAIN} [192.0.2.{rng.randrange(2, 250)}]"
+        hop = (f"Received: from mx2.{OUR_DOMAIN} ({peer})"
                f"\n\tby imap.{OUR_DOMAIN} (Postfix) with LMTP id {_b64ish(rng, 12)}; "
                f"{self.date_header(self.tick(), 'de')}\n").encode()
         if original.raw.count(b"\r\n") > original.raw.count(b"\n") // 2:

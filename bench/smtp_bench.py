@@ -31,6 +31,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import smtplib
 import socket
@@ -61,7 +62,7 @@ PYTHON = sys.executable
 PYSPY = str(Path(sys.executable).with_name("py-spy"))
 READY_TIMEOUT_S = 90.0
 DRAIN_TIMEOUT_S = 600.0
-OPTIONS: dict[str, float] = {"quiet_wait": 300.0}  # --quiet-wait
+OPTIONS: dict[str, float] = {"quiet_wait": 60.0}  # --quiet-wait
 INBOUND_RE = re.compile(r"inbound ([\d,]+)")
 LF_RE = re.compile(rb"(?<!\r)\n")
 
@@ -948,6 +949,10 @@ def targets(report: dict[str, Any]) -> dict[str, Any]:
 # --- main ---------------------------------------------------------------------------------------
 
 
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=2000, help="mails per stream run")
@@ -969,6 +974,10 @@ def main(argv: list[str] | None = None) -> int:
     phases = set(args.phases.split(","))
     systems = args.systems.split(",")
 
+    # Stop cleanly (servers stopped, partial results saved) on SIGTERM and on SIGINT, which a
+    # shell leaves ignored for background jobs.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     RESULTS.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="smtp-bench-"))
     log(f"work dir {workdir}; generating {args.n} mails")
@@ -1056,6 +1065,9 @@ def main(argv: list[str] | None = None) -> int:
             system.stop()
         services.stop()
         save()
+        with suppress(OSError):
+            shutil.copytree(workdir / "logs", RESULTS / f"logs-{args.tag}", dirs_exist_ok=True)
+        shutil.rmtree(workdir, ignore_errors=True)
     log(f"results: {out_json}")
     print(markdown(report))
     return 0

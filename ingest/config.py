@@ -213,6 +213,110 @@ class ImapSettings(_Strict):
         return f"{self.user}@{self.host}:{self.port}"
 
 
+class MailboxAuthentication(_Strict):
+    """``[[mailbox]] authentication = {...}``: this mailbox's overrides of ``[authentication]``."""
+
+    enforce: bool | None = None
+    trusted_authserv_ids: list[str] | None = None
+    unauthenticated: Literal["allow", "unverified"] | None = None
+
+
+class AuthenticationPolicy(_Strict):
+    """The policy in force for one mailbox: ``[authentication]`` with the mailbox's overrides."""
+
+    enforce: bool
+    trusted_authserv_ids: list[str]
+    unauthenticated: Literal["allow", "unverified"]
+
+
+class AuthenticationSection(_Strict):
+    """``[authentication]``: SPF, DKIM and DMARC (``ingest/authentication.py``, SECURITY.md).
+
+    Evidence comes from ticketgate's own checks for mail its SMTP listener took from the
+    internet, and otherwise from the topmost ``Authentication-Results`` header written by a
+    trusted MTA (``trusted_authserv_ids``).  Mail with no evidence (the demo, ``replay`` of
+    files, IMAP or HTTP without a trusted authserv-id) is treated as before unless
+    ``unauthenticated = "unverified"``.
+    """
+
+    # Act on the results: quarantine DMARC failures whose domain asks for quarantine or reject,
+    # and let only authenticated senders thread by subject tag or be attributed to a known
+    # person.  false: evaluate and record only.
+    enforce: bool = True
+    # Check SPF, DKIM and DMARC ourselves for mail our SMTP listener receives.
+    check_smtp: bool = True
+    # SMTP clients that are our own MTAs (a Postfix with OpenDMARC in front, a local relay):
+    # their mail is judged by its Authentication-Results, not by their IP address.
+    trusted_relays: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    # authserv-ids (RFC 8601) whose Authentication-Results are believed; empty: none.
+    trusted_authserv_ids: list[str] = Field(default_factory=list)
+    # Mail without any evidence: "allow" (threads and attributes as before) or "unverified".
+    unauthenticated: Literal["allow", "unverified"] = "allow"
+    # The DNS resolver: empty means the system's (/etc/resolv.conf).
+    nameservers: list[str] = Field(default_factory=list)
+    dns_port: int = Field(default=53, ge=1, le=65535)
+    dns_timeout: float = Field(default=5.0, gt=0, le=60)  # seconds per lookup, retries included
+    max_dkim_signatures: int = Field(default=5, ge=1, le=50)  # verified per mail, top first
+
+    @field_validator("trusted_relays")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for network in value:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"trusted_relays: {exc}") from None
+        return value
+
+    @field_validator("trusted_authserv_ids")
+    @classmethod
+    def _lower_ids(cls, value: list[str]) -> list[str]:
+        return [v.strip().lower() for v in value if v.strip()]
+
+    @field_validator("nameservers")
+    @classmethod
+    def _addresses(cls, value: list[str]) -> list[str]:
+        for server in value:
+            try:
+                ipaddress.ip_address(server)
+            except ValueError:
+                raise ValueError(f"nameservers: {server!r} is not an IP address") from None
+        return value
+
+    def policy_for(self, box: Mailbox) -> AuthenticationPolicy:
+        override = box.authentication or MailboxAuthentication()
+        ids = override.trusted_authserv_ids
+        return AuthenticationPolicy(
+            enforce=self.enforce if override.enforce is None else override.enforce,
+            trusted_authserv_ids=[i.strip().lower() for i in ids] if ids is not None
+            else list(self.trusted_authserv_ids),
+            unauthenticated=override.unauthenticated or self.unauthenticated,
+        )
+
+
+class LimitsSection(_Strict):
+    """``[limits]``: the circuit breaker on incoming rate (``ingest/steps/circuit_breaker.py``).
+
+    Counted from the database over the last ``window_seconds``, so every worker sees the same
+    numbers.  Mail past a limit is quarantined with the reason ``circuit breaker: ...`` (kept,
+    replayable; ``quarantine replay`` lets it through).  0 turns a limit off.
+    """
+
+    window_seconds: int = Field(default=3600, ge=1)
+    # Mails from one address on one subject that would open a new ticket: the signature of two
+    # autoresponders answering each other (Re: Re: Re: ...) without RFC 3834 headers.
+    per_sender_subject_max: int = Field(default=10, ge=0)
+    # Mails stored from one address, whatever the subject: a flood ceiling.
+    per_sender_max: int = Field(default=2000, ge=0)
+    # Mails appended to one ticket: a loop that does keep In-Reply-To.
+    per_ticket_max: int = Field(default=100, ge=0)
+    # Times one ticket may be reopened by mail, ever; then replies are appended and it stays closed.
+    max_reopens_per_ticket: int = Field(default=20, ge=0)
+    # Doors the breaker watches; "replay" (files an operator feeds in) is a bulk import.
+    doors: list[Literal["smtp", "imap", "http", "replay"]] = Field(
+        default_factory=lambda: ["smtp", "imap", "http"])
+
+
 class Mailbox(_Strict):
     id: int
     name: str
@@ -224,6 +328,7 @@ class Mailbox(_Strict):
     # Overrides service.unknown_sender for this mailbox (e.g. a partners-only address).
     unknown_sender: Literal["create", "reject"] | None = None
     imap: ImapSettings | None = None
+    authentication: MailboxAuthentication | None = None
 
     @field_validator("addresses")
     @classmethod
@@ -354,6 +459,8 @@ class Settings(BaseSettings):
     smtp: SmtpSection = Field(default_factory=SmtpSection)
     http: HttpSection = Field(default_factory=HttpSection)
     worker: WorkerSection = Field(default_factory=WorkerSection)
+    authentication: AuthenticationSection = Field(default_factory=AuthenticationSection)
+    limits: LimitsSection = Field(default_factory=LimitsSection)
     api_user: list[ApiUser] = Field(default_factory=list)
     associate: list[Associate] = Field(default_factory=list)
     category: list[Category] = Field(default_factory=list)

@@ -754,6 +754,10 @@ class TicketEntityIn(_In):
     Dates are strings on purpose: any ISO-8601 offset is accepted and stored in UTC.
     """
 
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [
+        {"TicketId": 0, "Title": "Printer broken", "Priority": {"Name": "Medium"},
+         "Deadline": "2030-01-01T12:00:00+01:00"}]})
+
     TicketId: Int32 | None = None
     Title: str | None = None
     CreatedAt: str | None = None

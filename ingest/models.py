@@ -23,6 +23,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -168,6 +169,8 @@ class Ticket(Base):
     connect_id: Mapped[int | None] = mapped_column(Integer)  # follow-up of a closed ticket
     reopen_count: Mapped[int] = mapped_column(default=0)
     description: Mapped[str] = mapped_column(Text, default="")
+    # Opened by a mail whose sender failed SPF/DKIM/DMARC (ingest/authentication.py).
+    unverified: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     owner: Mapped[Associate | None] = relationship(foreign_keys=[owned_by_id])
     created_by: Mapped[Associate | None] = relationship(foreign_keys=[created_by_id])
@@ -200,7 +203,10 @@ class TicketNumberCounter(Base):
 
 class Message(Base):
     __tablename__ = "messages"
-    __table_args__ = (Index("ix_messages_message_id", "message_id"),)
+    __table_args__ = (
+        Index("ix_messages_message_id", "message_id"),
+        Index("ix_messages_from_created", "from_address", "created_at"),  # circuit breaker
+    )
     id: Mapped[int] = mapped_column(primary_key=True)
     ticket_id: Mapped[int] = mapped_column(ForeignKey("tickets.id", ondelete="CASCADE"), index=True)
     inbound_id: Mapped[int | None] = mapped_column(ForeignKey("inbound_mails.id"), index=True)
@@ -224,6 +230,12 @@ class Message(Base):
     person_id: Mapped[int | None] = mapped_column(ForeignKey("persons.id"))
     language: Mapped[str | None] = mapped_column(String(10))
     important: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Sender authentication: pass | fail | temperror | none (no evidence); the SPF, DKIM and
+    # DMARC details; and whether the sender was treated as unverified (ingest/authentication.py).
+    auth_verdict: Mapped[str | None] = mapped_column(String(20))
+    authentication: Mapped[dict[str, Any] | None] = mapped_column()
+    unverified: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    subject_key: Mapped[str | None] = mapped_column(String(64))  # circuit breaker, see there
     ticket: Mapped[Ticket] = relationship(back_populates="messages")
     attachments: Mapped[list[Attachment]] = relationship(
         back_populates="message", order_by="Attachment.id"

@@ -108,6 +108,8 @@ def store_all(session: Session, records: list[InboundMail]) -> None:
     try:
         session.add_all(records)
         session.commit()
-    except SQLAlchemyError as exc:
+    except (SQLAlchemyError, UnicodeError, ValueError) as exc:
+        # Also the driver's refusal of unstorable text (e.g. surrogates from a bad HELO): the
+        # caller must see one error type and answer "try later", never a crash.
         session.rollback()
         raise SpoolError(f"could not store the mail: {exc.__class__.__name__}: {exc}") from exc

@@ -18,6 +18,7 @@ Environment:
 
 from __future__ import annotations
 
+import base64
 import glob
 import os
 import pwd
@@ -25,6 +26,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -528,8 +530,8 @@ class DovecotServer:
     * IMAPS (implicit TLS) on ``imaps_port`` and IMAP with STARTTLS on ``imap_port``, both on
       127.0.0.1 only, with a certificate signed by a CA made for this session (``ca_file``);
       ``other_ca_file`` is an unrelated CA, for "certificate not trusted" tests.
-    * Users in a passwd-file (:meth:`add_user`, :meth:`set_password`; Dovecot re-reads the file
-      when it changes), mail in Maildirs under the temp dir.
+    * Users in passwd-files, one per user (:meth:`add_user`, :meth:`set_password`), mail in
+      Maildirs under the temp dir.
     * Run as root, Dovecot's own processes use the unprivileged ``dovecot``/``dovenull`` users
       and mail is owned by ``nobody``; run as another user, everything runs as that user.
     """
@@ -541,14 +543,13 @@ class DovecotServer:
                                           dir="/tmp" if self.as_root else None))
         self.base.chmod(0o755)
         self.config_file = self.base / "dovecot.conf"
-        self.passwd_file = self.base / "passwd"
+        self.users_dir = self.base / "users"
         self.logfile = self.base / "dovecot.log"
         self.maildir = self.base / "mail"
         self.instance = f"tg-{self.base.name[-8:]}"
         self.imap_port = 0
         self.imaps_port = 0
         self._proc: subprocess.Popen[bytes] | None = None
-        self._users: dict[str, str] = {}
         certs = self.base / "certs"
         self.ca_file, self.cert_file, self.key_file = make_test_ca(certs, "server")
         self.other_ca_file = make_test_ca(certs, "other")[0]
@@ -562,23 +563,37 @@ class DovecotServer:
         self._internal_user, self._login_user = internal, login
         self.maildir.mkdir()
         os.chown(self.maildir, self._uid, self._gid)
-        self.passwd_file.write_text("")
+        self.users_dir.mkdir()
 
     def add_user(self, name: str, password: str) -> None:
-        self._users[name] = password
-        self._write_passwd()
-
-    def set_password(self, name: str, password: str) -> None:
-        self.add_user(name, password)
-
-    def _write_passwd(self) -> None:
-        lines = [f"{user}:{{PLAIN}}{password}:{self._uid}:{self._gid}::"
-                 f"{self.maildir / user}::"
-                 for user, password in self._users.items()]
-        tmp = self.passwd_file.with_suffix(".tmp")
-        tmp.write_text("\n".join(lines) + "\n")
+        """One passwd-file per user: Dovecot opens a new user's file at the first login, while
+        a change to a file it already read is noticed only seconds later."""
+        line = f"{name}:{{PLAIN}}{password}:{self._uid}:{self._gid}::{self.maildir / name}::\n"
+        target = self.users_dir / name
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text(line)
         tmp.chmod(0o644)
-        tmp.replace(self.passwd_file)  # atomic: Dovecot never reads half a file
+        tmp.replace(target)  # atomic: Dovecot never reads half a file
+
+    def wait_for_login(self, name: str, password: str, timeout: float = 10.0) -> None:
+        """Block until Dovecot accepts the login: it looks at the passwd-file at most once a
+        second, so a user added a moment ago may not be known yet."""
+        context = ssl.create_default_context(cafile=str(self.ca_file))
+        credentials = f"\0{name}\0{password}".encode()
+        deadline = time.monotonic() + timeout
+        while True:
+            with socket.create_connection(("127.0.0.1", self.imaps_port), timeout=5) as raw, \
+                    context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+                reader = sock.makefile("rb")
+                reader.readline()  # greeting
+                sock.sendall(b"a AUTHENTICATE PLAIN " + base64.b64encode(credentials) + b"\r\n")
+                answer = reader.readline()
+                sock.sendall(b"b LOGOUT\r\n")
+            if answer.startswith(b"a OK"):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Dovecot does not accept {name}: {answer!r}")
+            time.sleep(0.2)
 
     def _write_config(self) -> None:
         b = self.base
@@ -605,11 +620,11 @@ auth_mechanisms = plain login xoauth2
 auth_failure_delay = 0
 passdb {{
   driver = passwd-file
-  args = scheme=PLAIN username_format=%u {self.passwd_file}
+  args = scheme=PLAIN username_format=%n {self.users_dir}/%n
 }}
 userdb {{
   driver = passwd-file
-  args = username_format=%u {self.passwd_file}
+  args = username_format=%n {self.users_dir}/%n
 }}
 mail_location = maildir:~/Maildir
 mail_fsync = never
@@ -691,7 +706,8 @@ service stats {{
             except OSError:
                 continue
             ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            if ppid != self.pid or not title.startswith(f"{self.instance}/imap "):
+            # verbose_proctitle: "dovecot-<instance>/imap [<user> <ip> <command>]"
+            if ppid != self.pid or f"{self.instance}/imap [" not in title:
                 continue
             if user is None or f"[{user} " in title:
                 found.append(int(entry.name))
@@ -759,6 +775,7 @@ def imap_user(dovecot: DovecotServer) -> tuple[str, str]:
     name = f"u{uuid.uuid4().hex[:10]}"
     password = uuid.uuid4().hex
     dovecot.add_user(name, password)
+    dovecot.wait_for_login(name, password)
     return name, password
 
 

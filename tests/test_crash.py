@@ -74,6 +74,7 @@ priority = "Medium"
 class Mail:
     message_id: str  # with angle brackets, as in the header
     raw: bytes
+    parent: str | None = None  # the Message-ID a reply names in In-Reply-To
 
 
 @dataclass
@@ -88,10 +89,8 @@ def make_mails(run: str) -> list[Mail]:
     originals: list[Mail] = []
     for i in range(ORIGINALS):
         mid = f"<crash-{i}-{run}@client{i % 7}.example>"
-        originals.append(Mail(mid, _mail(
-            i, mid, subject=f"Printer {i} is on fire", sender=i % 40,
-            extra="",
-        )))
+        originals.append(Mail(mid, _mail(i, mid, subject=f"Printer {i} is on fire",
+                                         sender=i % 40, extra="")))
     replies: list[Mail] = []
     for j in range(REPLIES):
         parent = originals[j * 2]  # sent long before the reply (the queue is in order)
@@ -99,7 +98,7 @@ def make_mails(run: str) -> list[Mail]:
         replies.append(Mail(mid, _mail(
             ORIGINALS + j, mid, subject=f"Re: Printer {j * 2} is on fire", sender=(j * 2) % 40,
             extra=f"In-Reply-To: {parent.message_id}\r\nReferences: {parent.message_id}\r\n",
-        )))
+        ), parent=parent.message_id))
     return originals + replies
 
 
@@ -286,7 +285,7 @@ def test_no_mail_lost_or_doubled_when_workers_and_broker_crash(
             inbound = conn.execute(
                 select(InboundMail.id, InboundMail.state, InboundMail.header_message_id,
                        InboundMail.duplicate_of_id, InboundMail.ticket_message_id,
-                       InboundMail.error)
+                       InboundMail.error, InboundMail.processed_at)
             ).all()
             messages = conn.execute(
                 select(Message.message_id, Message.inbound_id, Message.ticket_id)
@@ -303,6 +302,18 @@ def test_no_mail_lost_or_doubled_when_workers_and_broker_crash(
     accepted_ids = {normalize_message_id(mid) for mid in tally.accepted}
     result_ids = {row.header_message_id for row in inbound if row.state in ("created", "appended")}
     sweeps = worker.log_text().count("sweep: re-enqueued")
+    # A reply processed before its parent (whose task a crash lost until the sweep found it)
+    # has no evidence in the database yet and opens its own ticket: not a lost or doubled mail,
+    # but a split conversation.  Counted here, not asserted.
+    done = {row.header_message_id: row for row in inbound if row.state in ("created", "appended")}
+
+    def processed_before_parent(mail: Mail) -> bool:
+        reply = done.get(normalize_message_id(mail.message_id))
+        parent = done.get(normalize_message_id(mail.parent))
+        return (reply is not None and parent is not None and reply.state == "created"
+                and parent.processed_at > reply.processed_at)
+
+    split = [mail for mail in mails if mail.parent and processed_before_parent(mail)]
     print(f"chaos: {'; '.join(chaos_log)}")
     print(
         f"mails: {len(mails)} distinct + {REDELIVERIES} re-deliveries = {total_deliveries}; "
@@ -312,7 +323,8 @@ def test_no_mail_lost_or_doubled_when_workers_and_broker_crash(
     )
     print(
         f"database: inbound {len(inbound)} {dict(states)}; tickets {tickets}; "
-        f"ticket messages {len(messages)}"
+        f"ticket messages {len(messages)}; replies not threaded because their parent was "
+        f"processed after them: {len(split)}"
     )
     print(
         f"kills {kills}, worker starts {worker.starts}, Redis restarts 1, "

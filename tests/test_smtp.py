@@ -270,6 +270,7 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Site]]
             f"timeout = {LIMITS_TIMEOUT_S}\nmax_sessions = 2", max_bytes=LIMITS_MAX_BYTES)
         started["backlog"] = start_site(base / "backlog", "backlog", "backlog_limit = 1")
         started["dbfail"] = start_site(base / "dbfail", "dbfail", preexec=limit_file_size)
+        started["stop"] = start_site(base / "stop", "stop")
         (base / "tls").mkdir()
         pair = make_cert(base / "tls")
         if pair is not None:
@@ -915,6 +916,31 @@ def test_database_failure_answers_451_and_stores_nothing(sites: dict[str, Site])
     assert site.count("SELECT count(*) FROM inbound_mails WHERE envelope_from = ?",
                       "diskfull@example.org") == 0
     assert site.smtp.alive()
+
+
+def test_sigterm_lets_the_mail_in_data_finish_and_closes_idle_sessions(
+        sites: dict[str, Site]) -> None:
+    site = sites["stop"]
+    with raw(site) as idle, raw(site) as busy:
+        assert idle.cmd(b"EHLO " + HELO.encode())[0] == 250
+        assert busy.cmd(b"EHLO " + HELO.encode())[0] == 250
+        assert busy.cmd(b"MAIL FROM:<inflight@example.org>")[0] == 250
+        assert busy.cmd(b"RCPT TO:<support@example.com>")[0] == 250
+        assert busy.cmd(b"DATA")[0] == 354
+        msg = make_mail("in flight during shutdown")
+        busy.send(msg[:40])
+        site.smtp.popen.send_signal(signal.SIGTERM)
+        # The idle session is told why it is closed; by then the listener is stopping.
+        assert idle.wait_closed().startswith(b"421 4.3.2")
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", site.port), timeout=2).close()
+        busy.send(msg[40:] + b".\r\n")
+        code, lines = busy.reply()
+        assert code == 250, lines
+        (inbound_id,) = inbound_ids(lines[0])
+        assert busy.wait_closed().startswith(b"421 4.3.2")
+    assert site.smtp.popen.wait(15) == 0
+    assert strip_received(site.inbound(inbound_id)["raw"])[1] == msg
 
 
 # --- the end state -----------------------------------------------------------------------

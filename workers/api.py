@@ -62,10 +62,16 @@ AT = "/atservicesrest/v1.0/Tickets"
 # --- request and response models (OpenAPI) ------------------------------------------------
 
 
+_EXAMPLE_MAIL = ("From: Michael Thompson <michael@techcorp.com>\r\nTo: support@example.com\r\n"
+                 "Subject: Account access problem\r\nMessage-ID: <example-1@techcorp.com>\r\n"
+                 "\r\nI cannot log in since this morning.\r\n")
+
+
 class MailDataRequest(BaseModel):
     """CreateTicketFromMailData (seed 003)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", json_schema_extra={
+        "examples": [{"MailboxId": 1, "Data": _EXAMPLE_MAIL}]})
     MailboxId: Int32
     Data: str = Field(description="The mail as RFC822 text (headers, blank line, body).")
 
@@ -73,7 +79,8 @@ class MailDataRequest(BaseModel):
 class GetTicketsRequest(BaseModel):
     """GetTickets (seed 002)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", json_schema_extra={
+        "examples": [{"TicketIds": [1, 2]}]})
     TicketIds: list[int] = Field(max_length=entities.MAX_GET_TICKETS)
 
 
@@ -104,7 +111,8 @@ TicketRow = _open_model("TicketRow", entities.GET_TICKETS_FIELDS,
 _AT_TYPES: dict[str, Any] = {"integer": Int32, "long": int, "string": str, "datetime": str,
                              "boolean": bool, "decimal": float}
 AutotaskTicket = create_model(  # type: ignore[call-overload]
-    "AutotaskTicket", __config__=ConfigDict(extra="allow"),
+    "AutotaskTicket", __config__=ConfigDict(extra="allow", json_schema_extra={
+        "examples": [{"title": "Printer broken", "description": "Floor 2", "queueID": 1}]}),
     **{f.name: (_AT_TYPES[f.type] | None, None) for f in entities.AUTOTASK_FIELDS})
 AutotaskTicket.__doc__ = "Autotask Tickets entity (seed 004): picklists as integer ids, UTC."
 

@@ -30,6 +30,8 @@ log = logging.getLogger("ticketgate.smtp")
 # the RCPT address are each under 512 bytes (aiosmtpd's command line limit), the IP under 46,
 # the fixed text and the date about 130.
 RECEIVED_HEADER_RESERVE = 2048
+# On SIGTERM, how long mails already in DATA may take to finish (below serve's grace time).
+SHUTDOWN_DRAIN_SECONDS = 10.0
 
 
 class TicketgateSMTP(SMTP):
@@ -43,6 +45,7 @@ class TicketgateSMTP(SMTP):
     """
 
     active_sessions: ClassVar[int] = 0
+    live: ClassVar[set[TicketgateSMTP]] = set()
     max_sessions: ClassVar[int] = 200
     # Tolerate clients that end lines with a bare LF inside DATA (the terminator must still be
     # CRLF.CRLF, so SMTP smuggling stays impossible).
@@ -70,6 +73,7 @@ class TicketgateSMTP(SMTP):
                 self._refused = True
                 return
             TicketgateSMTP.active_sessions += 1
+            TicketgateSMTP.live.add(self)
         self._refused = False
         super().connection_made(transport)
 
@@ -77,6 +81,7 @@ class TicketgateSMTP(SMTP):
         if getattr(self, "_refused", False):
             return
         TicketgateSMTP.active_sessions = max(0, TicketgateSMTP.active_sessions - 1)
+        TicketgateSMTP.live.discard(self)
         super().connection_lost(error)
 
     _in_data: bool = False
@@ -99,6 +104,32 @@ class TicketgateSMTP(SMTP):
             with contextlib.suppress(Exception):
                 self.transport.write(b"421 4.4.2 Idle timeout, closing connection\r\n")
         super()._timeout_cb()
+
+    def close_with(self, reply: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            with contextlib.suppress(Exception):
+                self.transport.write(reply)
+            self.transport.close()
+
+    @classmethod
+    async def drain(cls, timeout: float) -> None:
+        """On shutdown: let transactions in DATA finish (the client gets its 250), tell every
+        other session ``421`` and close it; after ``timeout`` close whatever is left.
+
+        Before, SIGTERM dropped every open session without a word, even one whose mail was
+        being spooled (stored, but the client never saw the 250 and sent it again).  It also
+        keeps ``Server.wait_closed()`` from waiting on idle clients (Python >= 3.12 waits for
+        all connections).
+        """
+        bye = b"421 4.3.2 Service shutting down, try again later\r\n"
+        deadline = asyncio.get_running_loop().time() + timeout
+        while cls.live and asyncio.get_running_loop().time() < deadline:
+            for session in list(cls.live):
+                if not session._in_data:
+                    session.close_with(bye)
+            await asyncio.sleep(0.05)
+        for session in list(cls.live):
+            session.close_with(bye)
 
 
 class SpoolingHandler:
@@ -268,5 +299,6 @@ async def serve_smtp(ingestor: Ingestor, enqueue: Any, *, host: str | None = Non
     print(f"ticketgate smtp listening on {bound}", flush=True)
     await stop.wait()
     server.close()
+    await TicketgateSMTP.drain(SHUTDOWN_DRAIN_SECONDS)
     await server.wait_closed()
     log.info("SMTP stopped")
