@@ -412,6 +412,16 @@ class SmtpSection(_Strict):
     tls_key: Path | None = None
     require_starttls: bool = False
     backlog_limit: int = 20_000  # spooled but unprocessed mails; new mail gets 451 past this
+    # Per client address (IPv4 address, IPv6 /64), counted in memory by each listener process:
+    # with several MX listeners a client gets up to that many times these.  0 = no limit.
+    max_connections_per_ip: int = Field(default=20, ge=0)  # concurrent; 421 4.7.0 at connect
+    max_connections_per_ip_per_minute: int = Field(default=120, ge=0)  # 421 4.7.0 at connect
+    max_messages_per_ip_per_minute: int = Field(default=300, ge=0)  # MAIL FROM; 451 4.7.1
+    ip_limits_exempt_loopback: bool = False  # 127.0.0.0/8 and ::1 skip the three limits above
+    max_bad_recipients: int = Field(default=10, ge=0)  # RCPTs answered 550/553; then 421, close
+    # Seconds the 220 greeting waits; a client that sends anything before it gets 554 and is
+    # disconnected (spam bots do not wait).  0 sends the greeting at once.
+    greeting_delay: float = Field(default=1.0, ge=0, le=60)
 
 
 class HttpSection(_Strict):
@@ -427,6 +437,22 @@ class WorkerSection(_Strict):
     sweep_interval: float = 30.0  # seconds between sweeps for records stuck in "received"
     sweep_age: float = 60.0  # a record this old and still "received" is enqueued again
     task_retry_max_delay: float = 300.0
+    # A reply whose parent mail is still spooled waits at most this long for it (then threads
+    # on whatever evidence there is).
+    parent_wait_seconds: float = 300.0
+    max_attempts: int = 5  # processing starts before a mail is quarantined as poison
+    task_time_limit: float = 300.0  # seconds one mail may take before its worker is recycled
+
+
+class MetricsSection(_Strict):
+    """``[metrics]``: a Prometheus endpoint per long-running role (the API serves ``/metrics`` on
+    its own port).  Off by default so roles started side by side never fight over a port."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"  # "0.0.0.0" in a container, so Prometheus can scrape it
+    smtp_port: int = Field(default=9101, ge=1, le=65535)
+    imap_port: int = Field(default=9102, ge=1, le=65535)
+    worker_port: int = Field(default=9103, ge=1, le=65535)
 
 
 DEMO_MAILBOX = Mailbox(id=1, name="Support", accept_any=True, category="General",
@@ -459,6 +485,7 @@ class Settings(BaseSettings):
     smtp: SmtpSection = Field(default_factory=SmtpSection)
     http: HttpSection = Field(default_factory=HttpSection)
     worker: WorkerSection = Field(default_factory=WorkerSection)
+    metrics: MetricsSection = Field(default_factory=MetricsSection)
     authentication: AuthenticationSection = Field(default_factory=AuthenticationSection)
     limits: LimitsSection = Field(default_factory=LimitsSection)
     api_user: list[ApiUser] = Field(default_factory=list)
@@ -594,10 +621,12 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     """
     path = path or os.environ.get("TICKETGATE_CONFIG")
     data: dict[str, Any] = {}
+    text = ""
     if path:
         file = Path(path)
         try:
-            data = tomllib.loads(file.read_text(encoding="utf-8"))
+            text = file.read_text(encoding="utf-8")
+            data = tomllib.loads(text)
         except FileNotFoundError:
             raise ConfigError(f"{file}: configuration file not found") from None
         except tomllib.TOMLDecodeError as exc:
@@ -609,8 +638,6 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     try:
         return Settings(**data)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            lines.append(f"{where}: {err['msg']}")
-        raise ConfigError(f"{path or 'configuration'}: " + "; ".join(lines)) from None
+        from ingest.config_lines import describe_errors  # each error with its file and line
+
+        raise ConfigError(describe_errors(exc, str(path or "configuration"), text)) from None

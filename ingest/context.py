@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from sqlalchemy.orm import Session
 
+from ingest.authentication import SenderAuthentication
 from ingest.config import Mailbox, Settings
 from ingest.models import Contact, InboundMail, Person, Ticket
 from ingest.parse import ParsedMail
@@ -86,6 +87,24 @@ class MailContext:
     secondary_persons: list[Person] = field(default_factory=list)
     routing: Routing = field(default_factory=Routing)
     note: str | None = None  # a remark that reaches TicketInfo.Reason without ending processing
+    can_defer: bool = False  # a worker may retry later (ParentPending); in-process callers not
+    remarks: list[str] = field(default_factory=list)  # more of those, after ``note``
+    # SPF/DKIM/DMARC evidence on the From domain, and, when the policy in force does not trust
+    # the sender, why: then a subject tag alone threads nothing and no known person is named.
+    authentication: SenderAuthentication = field(default_factory=SenderAuthentication)
+    unverified: str | None = None
+
+    @property
+    def replayed_hold(self) -> str | None:
+        """Why this mail was held, when it is being replayed out of quarantine.
+
+        ``quarantine replay`` resets the record to ``received`` and keeps its reason; a step that
+        quarantines on policy (DMARC, circuit breaker) reads the replay as the operator's release.
+        """
+        inbound = self.inbound
+        if inbound.attempts and inbound.state == "received" and inbound.reason:
+            return str(inbound.reason)
+        return None
 
     @property
     def mail(self) -> ParsedMail:

@@ -1029,23 +1029,26 @@ def save_ticket_entity(session: Session, settings: Settings, entity: TicketEntit
         if defaults.status is None:
             raise EntityValidationError("no default status is configured", "Status")
         w.status(defaults.status, "Status")
-    if entity.Category is not None:
-        c = entity.Category
+    # A nested reference with neither id nor name counts as absent; id 0 clears it.
+    c = entity.Category
+    if c is not None and (c.TicketCategoryId is not None or c.Name):
         w.category(None if c.TicketCategoryId == 0 else _resolve(
             ref.categories, c.TicketCategoryId, c.Name, "Category", "category"), "Category")
     elif creating and defaults.category is not None:
         w.category(defaults.category, "Category")
-    if entity.Priority is not None:
-        p = entity.Priority
+    p = entity.Priority
+    if p is not None and (p.TicketPriorityId is not None or p.Name):
         w.priority(None if p.TicketPriorityId == 0 else _resolve(
             ref.priorities, p.TicketPriorityId, p.Name, "Priority", "priority"), "Priority")
     elif creating and defaults.priority is not None:
         w.priority(defaults.priority, "Priority")
-    if entity.OwnedBy is not None:
-        w.owner(entity.OwnedBy.AssociateId, entity.OwnedBy.Name, "OwnedBy")
+    o = entity.OwnedBy
+    if o is not None and (o.AssociateId is not None or o.Name):
+        w.owner(o.AssociateId, o.Name, "OwnedBy")
     elif creating and defaults.owner is not None:
         w.owner(defaults.owner.id, None, "OwnedBy")
-    if entity.Person is not None:
+    if entity.Person is not None and (entity.Person.PersonId is not None or
+                                      entity.Person.Email):
         w.person(entity.Person.PersonId, entity.Person.Email, "Person")
     if entity.SecondaryPersons is not None:
         w.secondary_persons(entity.SecondaryPersons)
@@ -1527,11 +1530,12 @@ def save_autotask_ticket(session: Session, settings: Settings, body: Mapping[str
         w.title(given("title"), "title")
     if "description" in fields:
         ticket.description = clean_text(given("description"), "description", 8000)
-    for name, rows, setter, default in (
+    picklists: tuple[tuple[str, Mapping[int, Any], Callable[[Any, str], None], Any], ...] = (
         ("status", ref.statuses, w.status, defaults.status),
         ("priority", ref.priorities, w.priority, defaults.priority),
         ("ticketCategory", ref.categories, w.category, defaults.category),
-    ):
+    )
+    for name, rows, setter, default in picklists:
         if given(name) is not None:
             setter(_picklist_row(rows, given(name), AUTOTASK_BY_NAME[name]), name)
         elif name in fields and name != "status":

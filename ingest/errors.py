@@ -78,3 +78,12 @@ class InvalidFilter(EntityValidationError):
     """An Autotask query filter uses an unknown field, operator or a value of the wrong type."""
 
     code = "InvalidFilter"
+
+
+class ParentPending(TransientError):
+    """A reply arrived while the mail it answers is still waiting in the spool; processing it
+    now would open a second ticket, so it is retried shortly."""
+
+
+class AttemptsExhausted(PermanentError):
+    """Processing was started too many times without finishing (the worker died or hung)."""

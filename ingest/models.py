@@ -275,6 +275,7 @@ class InboundMail(Base):
         UniqueConstraint("dedupe_claim", name="uq_inbound_dedupe_claim"),
         Index("ix_inbound_state", "state"),
         Index("ix_inbound_key", "mailbox_id", "idempotency_key"),
+        Index("ix_inbound_header_message_id", "header_message_id"),
     )
     id: Mapped[int] = mapped_column(primary_key=True)
     mailbox_id: Mapped[int] = mapped_column(Integer)
@@ -299,7 +300,10 @@ class InboundMail(Base):
     ticket_message_id: Mapped[int | None] = mapped_column(Integer)
     duplicate_of_id: Mapped[int | None] = mapped_column(Integer)
     dedupe_claim: Mapped[str | None] = mapped_column(String(1200))
-    attempts: Mapped[int] = mapped_column(default=0)
+    attempts: Mapped[int] = mapped_column(default=0)  # processing starts, counted before each
+    # When a task for this record was last handed to the broker; the sweep re-enqueues only
+    # records whose last hand-off is older than worker.sweep_age.
+    enqueued_at: Mapped[dt.datetime | None] = mapped_column(default=utcnow)
     processed_at: Mapped[dt.datetime | None] = mapped_column()
 
 

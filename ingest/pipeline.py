@@ -1,14 +1,17 @@
 """The flow of one mail, top to bottom.  Read this file first.
 
-    spool record ──> dedupe ─> limits ─> parse ─> classify ─> thread ─> automail ─> route ─> sender
+    spool record ──> dedupe ─> limits ─> parse ─> classify ─> authenticate ─> thread ─> automail
                                                                                               │
-                       TicketInfo <── inbound record's final state <── store (one transaction)┘
+          ┌── sender <─ route <─ circuit breaker <────────────────────────────────────────────┘
+          │
+          └─> store (one transaction) ─> inbound record's final state ─> TicketInfo
 
 Each step takes the :class:`~ingest.context.MailContext`, adds to it, and returns ``None`` to go on
 or an :class:`~ingest.context.Outcome` to end processing with a reason.  Whatever happens, the
 inbound record ends in exactly one final state, in the same transaction as the ticket rows:
-``created``, ``appended``, ``duplicate``, ``ignored``, ``rejected``, or, when a step raises,
-``quarantined`` with the error (replayable with ``ticketgate quarantine replay``).
+``created``, ``appended``, ``duplicate``, ``ignored``, ``rejected``, or ``quarantined``: when a
+step raises (with the error), or when a policy holds the mail (DMARC, circuit breaker: with the
+reason); either is replayable with ``ticketgate quarantine replay``.
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from ingest.context import MailContext, Outcome, Trace
-from ingest.errors import InboundNotFound, TransientError
+from ingest.errors import AttemptsExhausted, InboundNotFound, ParentPending, TransientError
 from ingest.models import FINAL_STATES, InboundMail, utcnow
 from ingest.reply import visible_reply
 from ingest.spool import dedupe_claim
+from ingest.steps.authenticate import authenticate
 from ingest.steps.automail import stop_unreferenced_automatic_mail
+from ingest.steps.circuit_breaker import circuit_breaker
 from ingest.steps.classify import classify
 from ingest.steps.dedupe import drop_duplicate
 from ingest.steps.limits import enforce_size
@@ -49,8 +54,10 @@ STEPS: tuple[Step, ...] = (
     enforce_size,  # oversized mail is rejected before it is parsed
     parse,  # mail-parser; charsets, HTML, TNEF
     classify,  # loops end here; auto-replies, bounces, bulk are labelled
+    authenticate,  # SPF, DKIM, DMARC: quarantine per DMARC policy; unverified senders flagged
     find_ticket,  # In-Reply-To, References, signed Message-IDs, trusted subject tags
     stop_unreferenced_automatic_mail,  # labelled mail never opens a ticket
+    circuit_breaker,  # per ticket / sender / sender+subject rate in a window: storms held
     route,  # mailbox defaults and [[rule]]s, for new tickets; may ignore or reject
     identify_sender,  # person, company, Cc; unknown senders per policy (after rules, so an
     #                   ignored or rejected mail leaves no person behind)
@@ -100,18 +107,19 @@ def record_outcome(ctx: MailContext, outcome: Outcome, ingestor: Ingestor) -> Ti
     inbound.trace = ctx.trace.lines
     inbound.result = info.model_dump()
     inbound.processed_at = utcnow()
-    inbound.attempts = (inbound.attempts or 0) + 1
+    inbound.attempts = max(inbound.attempts or 0, 1)
     return info
 
 
-def _process_in(session: Session, inbound: InboundMail, raw: bytes, ingestor: Ingestor
-                ) -> tuple[TicketInfo, MailContext]:
+def _process_in(session: Session, inbound: InboundMail, raw: bytes, ingestor: Ingestor,
+                can_defer: bool = False) -> tuple[TicketInfo, MailContext]:
     ctx = MailContext(
         session=session,
         settings=ingestor.settings,
         mailbox=ingestor.settings.mailbox_for(inbound.mailbox_id),
         inbound=inbound,
         raw=raw,
+        can_defer=can_defer,
     )
     try:
         outcome = run_steps(ctx, ingestor)
@@ -123,8 +131,36 @@ def _process_in(session: Session, inbound: InboundMail, raw: bytes, ingestor: In
     return info, ctx
 
 
+def _start_attempt(ingestor: Ingestor, inbound_id: int) -> int | None:
+    """Count this processing start in its own commit, so a mail that kills or hangs its worker
+    is recognised on the next delivery.  None when the record is already final."""
+    with ingestor.sessions() as session:
+        inbound = session.get(InboundMail, inbound_id, with_for_update=True)
+        if inbound is None:
+            raise InboundNotFound(f"no inbound mail {inbound_id}")
+        if inbound.state in FINAL_STATES:
+            return None
+        inbound.attempts = (inbound.attempts or 0) + 1
+        session.commit()
+        return inbound.attempts
+
+
+def _forget_attempt(ingestor: Ingestor, inbound_id: int) -> None:
+    """A deferral (ParentPending) is not a failed attempt."""
+    with ingestor.sessions() as session:
+        inbound = session.get(InboundMail, inbound_id, with_for_update=True)
+        if inbound is not None and inbound.attempts:
+            inbound.attempts -= 1
+            session.commit()
+
+
 def process_inbound(ingestor: Ingestor, inbound_id: int) -> TicketInfo:
     """Process a spooled record (SMTP, IMAP, worker and sweep path).  Idempotent."""
+    attempts = _start_attempt(ingestor, inbound_id)
+    max_attempts = ingestor.settings.worker.max_attempts
+    if attempts is not None and attempts > max_attempts:
+        return quarantine(ingestor, inbound_id, AttemptsExhausted(
+            f"processing started {attempts - 1} times without finishing (worker died or hung)"))
     for _race in range(MAX_KEY_RACES):
         with ingestor.sessions() as session:
             try:
@@ -133,13 +169,17 @@ def process_inbound(ingestor: Ingestor, inbound_id: int) -> TicketInfo:
                     raise InboundNotFound(f"no inbound mail {inbound_id}")
                 if inbound.state in FINAL_STATES:
                     return TicketInfo(**inbound.result) if inbound.result else _stateless(inbound)
-                info, _ctx = _process_in(session, inbound, inbound.raw, ingestor)
+                info, _ctx = _process_in(session, inbound, inbound.raw, ingestor, can_defer=True)
                 session.commit()
                 _log(info)
                 return info
             except IntegrityError:
                 session.rollback()  # another worker took the same key or person; look again
                 continue
+            except ParentPending:
+                session.rollback()
+                _forget_attempt(ingestor, inbound_id)
+                raise
             except OperationalError as exc:
                 session.rollback()
                 raise TransientError(f"database unavailable: {exc.orig}") from exc
@@ -209,7 +249,8 @@ def quarantine(ingestor: Ingestor, inbound_id: int, exc: BaseException) -> Ticke
     trace: Trace = getattr(exc, "trace", None) or Trace()
     error = f"{type(exc).__name__}: {exc}"
     trace.add("quarantine", error, traceback=traceback.format_exception(exc)[-3:])
-    log.warning("inbound %s quarantined: %s", inbound_id, error)
+    log.warning("inbound %s quarantined: %s", inbound_id, error,
+                extra={"inbound_id": inbound_id, "action": "quarantined"})
     with ingestor.sessions() as session:
         inbound = session.get(InboundMail, inbound_id, with_for_update=True)
         if inbound is None:
@@ -224,7 +265,6 @@ def quarantine(ingestor: Ingestor, inbound_id: int, exc: BaseException) -> Ticke
         inbound.trace = trace.lines
         inbound.result = info.model_dump()
         inbound.processed_at = utcnow()
-        inbound.attempts = (inbound.attempts or 0) + 1
         session.commit()
     return info
 
@@ -236,5 +276,6 @@ def _stateless(inbound: InboundMail) -> TicketInfo:
 
 def _log(info: TicketInfo) -> None:
     log.info("inbound %s %s ticket=%s %s", info.InboundId, info.Action, info.TicketId or "-",
-             info.Reason or "")
+             info.Reason or "", extra={"inbound_id": info.InboundId,
+                                       "ticket_id": info.TicketId or None, "action": info.Action})
 

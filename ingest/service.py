@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -155,14 +155,22 @@ class Ingestor:
                 .where(InboundMail.state == "received")) or 0)
 
     def stuck_inbound_ids(self, older_than_seconds: float, limit: int = 1000) -> list[int]:
-        """Records still ``received`` after a while: their task was lost (broker restart,
-        killed worker) and must be enqueued again."""
-        cutoff = utcnow() - dt.timedelta(seconds=older_than_seconds)
+        """Records still ``received`` whose last hand-off to the broker is older than this: their
+        task was lost (broker restart, killed worker).  They are marked as handed off now, so a
+        long backlog is not enqueued again at every sweep."""
+        now = utcnow()
+        cutoff = now - dt.timedelta(seconds=older_than_seconds)
         with self.sessions() as session:
-            return list(session.scalars(
+            ids = list(session.scalars(
                 select(InboundMail.id)
-                .where(InboundMail.state == "received", InboundMail.received_at < cutoff)
+                .where(InboundMail.state == "received",
+                       or_(InboundMail.enqueued_at.is_(None), InboundMail.enqueued_at < cutoff))
                 .order_by(InboundMail.id).limit(limit)))
+            if ids:
+                session.execute(update(InboundMail).where(InboundMail.id.in_(ids))
+                                .values(enqueued_at=now))
+                session.commit()
+            return ids
 
     def process(self, inbound_id: int) -> TicketInfo:
         return pipeline.process_inbound(self, inbound_id)
@@ -207,5 +215,6 @@ class Ingestor:
                 )
             inbound.state = "received"
             inbound.result = None
+            inbound.attempts = 0  # a released mail gets its full number of attempts again
             session.commit()
         return self.process(inbound_id)

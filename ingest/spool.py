@@ -40,9 +40,14 @@ class Envelope:
 def header_message_id(raw: bytes) -> str | None:
     head, _sep, _body = raw.partition(b"\r\n\r\n") if b"\r\n\r\n" in raw else raw.partition(b"\n\n")
     try:
-        return normalize_message_id(_HEADER_PARSER.parsebytes(head).get("Message-ID"))
+        found = normalize_message_id(_HEADER_PARSER.parsebytes(head).get("Message-ID"))
     except Exception:  # a hostile header block still gets a key: the SHA-256
         return None
+    # A control character (NUL above all) is no part of a Message-ID, and PostgreSQL refuses NUL
+    # in text: such an id would make the spool write itself fail.  The SHA-256 key is used then.
+    if found is not None and any(ord(c) < 32 or ord(c) == 127 for c in found):
+        return None
+    return found
 
 
 def idempotency_key(message_id: str | None, sha256: str) -> str:

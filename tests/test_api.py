@@ -8,6 +8,7 @@ checked in ``test_api_contract.py``.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
 
-from ingest.models import InboundMail, Priority, Ticket
+from ingest.models import FINAL_STATES, InboundMail, Priority, Ticket
 from ingest.service import Ingestor
 from tests.api_helpers import (
     ADMIN,
@@ -211,6 +212,34 @@ def test_mail_refusals_are_structured_400s_and_recorded(api: tuple[TestClient, I
     assert count(ingestor, Ticket) == 0
 
 
+def test_hostile_mail_data_is_recorded_never_a_server_error(api: tuple[TestClient, Ingestor]
+                                                           ) -> None:
+    """NUL bytes (which PostgreSQL refuses in text), lone surrogates, a 100 kB header: each is
+    stored and ends in a recorded state; none is answered with a 5xx."""
+    client, ingestor = api
+    hostile = [
+        mail(message_id="nul\x00id@x.example"),
+        mail(subject="nul\x00subject", message_id="h2@x.example"),
+        mail(sender="Ev\x00il <evil\x00@x.example>", message_id="h3@x.example"),
+        mail(body="body with \x00 nul", message_id="h4@x.example"),
+        mail(message_id="h5@x.example", References="<a\x00b@x>", In_Reply_To="<\x00>"),
+        "Subject: " + "x" * 100_000 + "\r\n\r\nbody",
+    ]
+    for data in hostile:
+        body = json.dumps({"MailboxId": 1, "Data": data}).encode()
+        response = client.post(FROM_MAIL, content=body,
+                               headers={"Content-Type": "application/json"})
+        assert response.status_code == 200, response.text
+        assert response.json()["Action"] in FINAL_STATES
+    surrogate = b'{"MailboxId": 1, "Data": "Subject: \\ud800 lone\\r\\n\\r\\nbody"}'
+    response = client.post(FROM_MAIL, content=surrogate,
+                           headers={"Content-Type": "application/json"})
+    assert response.status_code == 200, response.text
+    with ingestor.session() as s:
+        states = s.scalars(select(InboundMail.state)).all()
+    assert len(states) == len(hostile) + 1 and set(states) <= set(FINAL_STATES)
+
+
 def test_mail_answer_honours_select(api: tuple[TestClient, Ingestor]) -> None:
     client, _ = api
     response = client.post(f"{FROM_MAIL}?$select=ticketid,Title,action",
@@ -350,6 +379,31 @@ def test_save_entity_creates_then_updates_in_utc(make_ingestor: Callable[..., In
     auto = client.post(SAVE_ENTITY, json={"TicketId": ticket_id,
                                           "OwnedBy": {"AssociateId": 2147483647}}).json()
     assert auto["OwnedBy"]["Name"] == "sarah"
+
+
+def test_entities_round_trip_through_save(api: tuple[TestClient, Ingestor]) -> None:
+    """What CreateDefaultTicketEntity and SaveTicketEntity answer can be sent back as is."""
+    client, _ = api
+    default = client.post(DEFAULT_ENTITY).json()
+    assert error_of(client.post(SAVE_ENTITY, json=default), 400)["Field"] == "Title"
+    default["Title"] = "Filled in"
+    created = client.post(SAVE_ENTITY, json=default)
+    assert created.status_code == 200, created.text
+    entity = created.json()
+    assert entity["TicketId"] > 0 and entity["OwnedBy"]["Name"] == "sarah"
+    ticket_id = post_mail(client)["TicketId"]
+    full = client.post(SAVE_ENTITY, json={"TicketId": ticket_id,
+                                          "SecondaryPersons": [{"PersonId": 2}],
+                                          "Tags": ["a"]}).json()
+    again = client.post(SAVE_ENTITY, json=full, headers={"SO-TimeZone": "Asia/Tokyo"})
+    assert again.status_code == 200, again.text
+    same = again.json()
+    for key in ("Title", "OwnedBy", "Category", "Priority", "Status", "Person",
+                "SecondaryPersons", "Tags", "Deadline", "CreatedAt", "NumMessages"):
+        if key in ("Deadline", "CreatedAt"):
+            assert dt.datetime.fromisoformat(same[key]) == dt.datetime.fromisoformat(full[key])
+        else:
+            assert same[key] == full[key], key
 
 
 def test_save_entity_validation_names_the_field(api: tuple[TestClient, Ingestor]) -> None:

@@ -195,7 +195,7 @@ def setup(tmp_path: Path, database_url: str, dovecot: DovecotServer,
 
     def build(*, enqueue: Callable[[list[int]], Any] | None = None,
               max_bytes: int | None = None, poller_class: type[ImapPoller] = ImapPoller,
-              **imap: Any) -> tuple[Ingestor, ImapPoller]:
+              idle_renew: float = 300.0, **imap: Any) -> tuple[Ingestor, ImapPoller]:
         user, password = imap_user
         imap.setdefault("password", password)
         box = {"id": 1, "name": "Support", "addresses": ["support@example.com"],
@@ -205,7 +205,7 @@ def setup(tmp_path: Path, database_url: str, dovecot: DovecotServer,
         ingestor = Ingestor(settings)
         made.append(ingestor)
         poller = poller_class(ingestor, settings.mailbox[0], enqueue or processing(ingestor),
-                              threading.Event(), **FAST)
+                              threading.Event(), idle_renew=idle_renew, **FAST)
         return ingestor, poller
 
     yield build
@@ -394,12 +394,15 @@ def test_uidvalidity_change_resyncs_without_duplicate_tickets(
         imap_user: tuple[str, str], caplog: pytest.LogCaptureFixture) -> None:
     """The folder is deleted and re-created under the running poller, the old mails come back
     unread with new UIDs and a new mail takes UID 1: everything is looked at again, the new mail
-    makes a ticket, the old ones are recorded as duplicates, no ticket is made twice."""
+    makes a ticket, the old ones are recorded as duplicates, no ticket is made twice.
+
+    Dovecot says nothing to a session idling in a deleted folder; the poller finds out when it
+    renews IDLE (every ``idle_renew`` seconds, 1 s here) and selects the folder again."""
     caplog.set_level(logging.INFO, "ticketgate.imap")
     user, password = imap_user
     old = [mail("uv", i) for i in range(3)]
     append_all(dovecot, user, password, old, folder="Tickets")
-    ingestor, poller = setup(folder="Tickets", after="seen")
+    ingestor, poller = setup(folder="Tickets", after="seen", idle_renew=1.0)
     with running(poller):
         wait_until(lambda: count_inbound(ingestor, "created") == 3)
         first = wait_until(lambda: (s := folder_state(ingestor)) and s.uidvalidity and s)

@@ -380,3 +380,52 @@ def test_concurrent_deliveries_of_one_mail_make_one_ticket(ing: Ingestor) -> Non
     assert sorted(results) == ["created"] + ["duplicate"] * 7
     assert count(ing, Ticket) == 1
     assert count(ing, Person) == 2  # the configured Michael and the racer, once
+
+
+def test_reply_waits_for_its_spooled_parent(ing: Ingestor) -> None:
+    """A worker that meets a reply before its parent defers it instead of splitting the thread."""
+    from ingest.errors import ParentPending
+
+    parent = ing.receive(mail(), 1, door="smtp")
+    reply = ing.receive(mail("Re: Printer broken", message_id="m2@techcorp.com",
+                             In_Reply_To="<m1@techcorp.com>"), 1, door="smtp")
+    with pytest.raises(ParentPending):
+        ing.process(reply)
+    with ing.session() as s:
+        assert s.get(InboundMail, reply).state == "received"  # type: ignore[union-attr]
+        assert s.get(InboundMail, reply).attempts == 0  # type: ignore[union-attr]
+    assert ing.process(parent).Action == "created"
+    threaded = ing.process(reply)
+    assert (threaded.Action, threaded.TicketId, threaded.ThreadedBy) == ("appended", 1,
+                                                                        "in-reply-to")
+    # In-process callers (replay, HTTP) never defer: nothing else would process the parent.
+    assert ing.ingest(mail("Re: x", message_id="m9@techcorp.com",
+                           In_Reply_To="<never-seen@x>"), 1).Action == "created"
+
+
+def test_mail_that_keeps_killing_its_worker_is_quarantined(ing: Ingestor) -> None:
+    inbound_id = ing.receive(mail(), 1, door="smtp")
+    with ing.session() as s:  # as if five workers died while processing it
+        row = s.get(InboundMail, inbound_id)
+        assert row is not None
+        row.attempts = ing.settings.worker.max_attempts
+        s.commit()
+    info = ing.process(inbound_id)
+    assert info.Action == "quarantined" and "without finishing" in (info.Reason or "")
+    assert count(ing, Ticket) == 0
+    assert ing.replay_quarantined(inbound_id).Action == "created"
+
+
+def test_sweep_hands_each_stuck_mail_off_once_per_age(ing: Ingestor) -> None:
+    stuck = ing.receive(mail(), 1, door="smtp")
+    with ing.session() as s:
+        row = s.get(InboundMail, stuck)
+        assert row is not None
+        row.enqueued_at = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+        s.commit()
+    fresh = ing.receive(mail(message_id="fresh@x"), 1, door="smtp")
+    assert ing.stuck_inbound_ids(60) == [stuck]
+    assert ing.stuck_inbound_ids(60) == []  # just handed off again
+    ing.process(stuck)
+    later = ing.stuck_inbound_ids(0.0)
+    assert stuck not in later and fresh in later  # processed mail is never swept

@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 from urllib.parse import urlencode
 
 from fastapi import Body, Depends, FastAPI, Header, Query, Request, Response
@@ -476,13 +476,15 @@ def create_app(ingestor: Ingestor) -> FastAPI:
     @app.post(AT, tags=["Autotask"], response_model=AutotaskSaved, responses=ERRORS)
     def autotask_create(body: AutotaskTicket, caller: Caller) -> JSONResponse:  # type: ignore
         """Create a ticket; read-only fields are ignored, unknown ones refused."""
-        return autotask_save(body.model_dump(exclude_unset=True), caller, creating=True)
+        return autotask_save(cast(BaseModel, body).model_dump(exclude_unset=True), caller,
+                             creating=True)
 
     @app.patch(AT, tags=["Autotask"], response_model=AutotaskSaved,
                responses={**ERRORS, 404: {"model": ErrorResponse}})
     def autotask_update(body: AutotaskTicket, caller: Caller) -> JSONResponse:  # type: ignore
         """Update the fields sent (the body carries ``id``); the others keep their values."""
-        return autotask_save(body.model_dump(exclude_unset=True), caller, creating=False)
+        return autotask_save(cast(BaseModel, body).model_dump(exclude_unset=True), caller,
+                             creating=False)
 
     app.add_middleware(ResponseMiddleware, metrics=metrics)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.http.max_body_bytes)

@@ -19,7 +19,7 @@ from typing import Any
 from celery import Celery
 
 from ingest.errors import InboundNotFound, TransientError
-from workers import runtime
+from workers import metrics, runtime
 
 log = logging.getLogger("ticketgate.tasks")
 
@@ -46,6 +46,9 @@ def make_celery() -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        # A mail that hangs its worker is cut off; the redelivery counts as an attempt and after
+        # worker.max_attempts the mail is quarantined instead of looping.
+        task_time_limit=settings.worker.task_time_limit,
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=5,
         broker_transport_options=transport_options,
@@ -59,6 +62,7 @@ def make_celery() -> Celery:
 
 
 app = make_celery()
+metrics.connect_task_signals()  # count and time every task (exposed with [metrics] enabled)
 
 
 @app.task(bind=True, name=PROCESS_TASK, max_retries=None)
@@ -68,12 +72,14 @@ def process_inbound(self: Any, inbound_id: int) -> dict[str, Any] | None:
     try:
         info = runtime.ingestor().process(inbound_id)
     except InboundNotFound:
-        log.error("inbound %s does not exist; dropping the task", inbound_id)
+        log.error("inbound %s does not exist; dropping the task", inbound_id,
+                  extra={"inbound_id": inbound_id})
         return None
     except TransientError as exc:
         cap = runtime.settings().worker.task_retry_max_delay
         delay = min(cap, 2 ** min(self.request.retries, 8))
-        log.warning("inbound %s: %s; retry in %ss", inbound_id, exc, delay)
+        log.warning("inbound %s: %s; retry in %ss", inbound_id, exc, delay,
+                    extra={"inbound_id": inbound_id})
         raise self.retry(exc=exc, countdown=delay) from exc
     return {"InboundId": info.InboundId, "Action": info.Action, "TicketId": info.TicketId}
 

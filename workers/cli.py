@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from sqlalchemy import select
@@ -33,6 +34,18 @@ app.add_typer(db_app, name="db")
 app.add_typer(quarantine_app, name="quarantine")
 
 err = Console(stderr=True)
+
+
+@app.callback()
+def _options(
+    log_format: Annotated[str | None, typer.Option(
+        "--log-format", help="Log lines as 'text' or 'json' (default: $TICKETGATE_LOG_FORMAT, "
+        "else text). Roles started by serve inherit it.")] = None,
+) -> None:
+    if log_format is not None:
+        if log_format not in ("text", "json"):
+            raise typer.BadParameter("must be 'text' or 'json'", param_hint="--log-format")
+        os.environ["TICKETGATE_LOG_FORMAT"] = log_format
 ConfigOption = Annotated[
     Path | None,
     typer.Option("--config", "-c", help="TOML configuration file (default: $TICKETGATE_CONFIG)."),
@@ -43,7 +56,7 @@ def _settings(config: Path | None) -> Settings:
     try:
         return load_settings(config)
     except ConfigError as exc:
-        err.print(f"[red]configuration error:[/red] {exc}")
+        err.print(f"[red]configuration error:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from None
 
 
@@ -118,13 +131,15 @@ def smtp(
     port: Annotated[int | None, typer.Option(help="Listen port.")] = None,
 ) -> None:
     """The SMTP listener for MX delivery (spools each mail, then hands its id to the workers)."""
-    _use_config(config)
-    from workers import runtime
+    settings = _use_config(config)
+    from workers import metrics, runtime
     from workers.celery_app import enqueue
     from workers.smtp import serve_smtp
 
-    runtime.configure_logging()
-    asyncio.run(serve_smtp(runtime.ingestor(), enqueue, host=host, port=port))
+    runtime.configure_logging(role="smtp")
+    metrics.start_role_server("smtp", settings)
+    asyncio.run(serve_smtp(runtime.ingestor(), metrics.counted(enqueue, "smtp"), host=host,
+                           port=port))
 
 
 @app.command()
@@ -138,7 +153,7 @@ def api(
     from workers import runtime
     from workers.api import serve_api
 
-    runtime.configure_logging()
+    runtime.configure_logging(role="api")
     serve_api(runtime.ingestor(), host=host, port=port)
 
 
@@ -152,16 +167,18 @@ def imap(
     ] = False,
 ) -> None:
     """The IMAP poller: one thread per mailbox with `imap` settings (IDLE, else polling)."""
-    _use_config(config)
-    from workers import runtime
+    settings = _use_config(config)
+    from workers import metrics, runtime
     from workers.celery_app import enqueue
     from workers.imap import serve_imap, status_lines
 
-    runtime.configure_logging()
+    runtime.configure_logging(role="imap")
     if status:
         print("\n".join(status_lines(runtime.ingestor())))
         raise typer.Exit(0)
-    raise typer.Exit(serve_imap(runtime.ingestor(), enqueue, mailbox_ids=mailbox or ()))
+    metrics.start_role_server("imap", settings)
+    raise typer.Exit(serve_imap(runtime.ingestor(), metrics.counted(enqueue, "imap"),
+                                mailbox_ids=mailbox or ()))
 
 
 @app.command()
@@ -173,11 +190,12 @@ def worker(
 ) -> None:
     """A Celery worker that processes spooled mails (run many for scale-out)."""
     settings = _use_config(config)
-    from workers import runtime
+    from workers import metrics, runtime
     from workers.celery_app import app as celery
 
-    runtime.configure_logging()
+    runtime.configure_logging(role="worker")
     runtime.ingestor()  # schema upgrade and reference data before the first task
+    metrics.start_worker_server(settings)  # before the pool forks
     argv = ["worker", "--loglevel", "INFO", "--pool", pool,
             "--concurrency", str(concurrency or settings.worker.concurrency),
             "--without-gossip", "--without-mingle", "--without-heartbeat"]
@@ -198,7 +216,7 @@ def serve(config: ConfigOption = None) -> None:
     from workers import runtime
     from workers.supervisor import Child, role_command, supervise
 
-    runtime.configure_logging()
+    runtime.configure_logging(role="serve")
     Ingestor(settings).close()  # migrate once, before the roles start in parallel
     print(f"ticketgate serve: database {settings.effective_database_url}, broker "
           f"{settings.effective_broker_url}, SMTP {settings.smtp_host}:{settings.smtp_port}, "
@@ -222,6 +240,69 @@ def db_upgrade(config: ConfigOption = None) -> None:
     schema.upgrade(engine)
     print(f"database at revision {schema.current_revision(engine)}")
     engine.dispose()
+
+
+@app.command("check-config")
+def check_config(
+    file: Annotated[Path, typer.Argument(help="The TOML file to check.")],
+) -> None:
+    """Validate a configuration file: each problem as FILE:LINE: key: message.
+
+    Exit 0 when it is valid, 2 when it is not (the same checks `serve` makes at start, plus the
+    API users').  TICKETGATE_* variables are applied as at run time.
+    """
+    try:
+        settings = load_settings(file)
+        from workers.http_guard import Authenticator
+
+        Authenticator(settings.api_user)
+    except ConfigError as exc:
+        message = str(exc)
+        if message.startswith("api_user "):  # from the API's own check: give it its line
+            message = _api_user_problem(file, settings, message)
+        for line in message.splitlines():
+            print(line, file=sys.stderr)
+        raise typer.Exit(2) from None
+    imap = len(settings.imap_mailboxes)
+    print(f"{file}: ok: {len(settings.mailbox)} mailbox(es) ({imap} with IMAP), "
+          f"{len(settings.rule)} rule(s), {len(settings.api_user)} API user(s)")
+
+
+def _api_user_problem(file: Path, settings: Settings, message: str) -> str:
+    from ingest.config_lines import key_lines
+
+    index = key_lines(file.read_text(encoding="utf-8"))
+    for i, user in enumerate(settings.api_user):
+        if message.startswith(f"api_user {user.name!r}") and ("api_user", i) in index:
+            return f"{file}:{index['api_user', i]}: api_user[{i}]: {message}"
+    return f"{file}: {message}"
+
+
+@app.command("check-health")
+def check_health(
+    role: Annotated[str | None, typer.Option(
+        "--role", envvar="TICKETGATE_ROLE",
+        help="Also probe this role's own process: smtp, imap, api, worker or serve.")] = None,
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+) -> None:
+    """Container health check: database and broker reachable (and the role answering).
+
+    Exit 0 when healthy, 1 when not.
+    """
+    from workers.health import ROLES, run_checks
+
+    if role is not None and role not in ROLES:
+        raise typer.BadParameter(f"must be one of {', '.join(ROLES)}", param_hint="--role")
+    ok, results = run_checks(_settings(config), role)
+    if as_json:
+        print(json.dumps({"ok": ok, **results}))
+    else:
+        for name, detail in results.items():
+            rest = {k: v for k, v in detail.items() if k not in ("ok", "ms")}
+            print(f"{name:<9}{'ok' if detail['ok'] else 'FAILED':<7}{detail['ms']:>8} ms  "
+                  + " ".join(f"{k}={v}" for k, v in rest.items()))
+    raise typer.Exit(0 if ok else 1)
 
 
 @quarantine_app.command("list")

@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
+import re
 import secrets
 import signal
 import ssl
+import time
+from collections import deque
+from collections.abc import Callable
 from email.utils import formatdate
 from typing import Any, ClassVar
 
@@ -32,6 +37,112 @@ log = logging.getLogger("ticketgate.smtp")
 RECEIVED_HEADER_RESERVE = 2048
 # On SIGTERM, how long mails already in DATA may take to finish (below serve's grace time).
 SHUTDOWN_DRAIN_SECONDS = 10.0
+# C0 and C1 control characters (CR, LF, NUL, ESC, DEL, NEL...) and the Unicode line and
+# paragraph separators: never stored unescaped, never accepted in an address.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+class PeerLimits:
+    """Per-client limits of one listener process: concurrent connections, connections per
+    minute, messages (accepted MAIL FROM) per minute.
+
+    The counts live in this process's memory, so they are per listener: behind several MX
+    listeners a client may get that many times the configured numbers.  Rates are a sliding
+    window of 60 seconds (a log of the accepted events, at most ``limit`` per client, so memory
+    is bounded by the limit times the clients seen within a minute); clients whose window is
+    empty and that have no open connection are forgotten.  A client is an IPv4 address or an
+    IPv6 /64 (one host usually owns a whole /64).  Refused connections and refused MAIL
+    commands are not counted, so a client that backs off is served again within a minute.
+    """
+
+    WINDOW = 60.0
+
+    def __init__(self, max_connections: int = 0, max_connections_per_minute: int = 0,
+                 max_messages_per_minute: int = 0, exempt_loopback: bool = False,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_connections = max_connections
+        self.max_connections_per_minute = max_connections_per_minute
+        self.max_messages_per_minute = max_messages_per_minute
+        self.exempt_loopback = exempt_loopback
+        self.clock = clock
+        self.open: dict[str, int] = {}
+        self.connects: dict[str, deque[float]] = {}
+        self.messages: dict[str, deque[float]] = {}
+        self._last_sweep = clock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PeerLimits:
+        smtp = settings.smtp
+        return cls(smtp.max_connections_per_ip, smtp.max_connections_per_ip_per_minute,
+                   smtp.max_messages_per_ip_per_minute, smtp.ip_limits_exempt_loopback)
+
+    def client_key(self, peer: Any) -> str | None:
+        """What the limits count by; None for an exempt (loopback) client."""
+        host = peer[0] if isinstance(peer, tuple) and peer else peer
+        try:
+            ip = ipaddress.ip_address(str(host).split("%", 1)[0])
+        except ValueError:
+            return "unknown"
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if self.exempt_loopback and ip.is_loopback:
+            return None
+        if isinstance(ip, ipaddress.IPv6Address):
+            return str(ipaddress.IPv6Network((ip, 64), strict=False))
+        return str(ip)
+
+    def connect(self, key: str | None) -> str | None:
+        """Count a new connection of ``key``; the 421 reply instead when it is over a limit."""
+        if key is None:
+            return None
+        now = self.clock()
+        self._sweep(now)
+        if self.max_connections and self.open.get(key, 0) >= self.max_connections:
+            return "421 4.7.0 Too many connections from your address, try again later"
+        if not self._take(self.connects, key, now, self.max_connections_per_minute):
+            return "421 4.7.0 Too many connections from your address per minute, try again later"
+        self.open[key] = self.open.get(key, 0) + 1
+        return None
+
+    def disconnect(self, key: str | None) -> None:
+        if key is None:
+            return
+        left = self.open.get(key, 0) - 1
+        if left > 0:
+            self.open[key] = left
+        else:
+            self.open.pop(key, None)
+
+    def message(self, key: str | None) -> bool:
+        """Count one more message of ``key``; False when that is over the rate."""
+        if key is None:
+            return True
+        return self._take(self.messages, key, self.clock(), self.max_messages_per_minute)
+
+    def tracked(self) -> int:
+        """How many clients are remembered (for tests: memory stays bounded)."""
+        return len(set(self.open) | set(self.connects) | set(self.messages))
+
+    def _take(self, table: dict[str, deque[float]], key: str, now: float, limit: int) -> bool:
+        if not limit:
+            return True
+        log_ = table.get(key)
+        if log_ is None:
+            log_ = table[key] = deque()
+        while log_ and log_[0] <= now - self.WINDOW:
+            log_.popleft()
+        if len(log_) >= limit:
+            return False
+        log_.append(now)
+        return True
+
+    def _sweep(self, now: float) -> None:
+        if now - self._last_sweep < self.WINDOW:
+            return
+        self._last_sweep = now
+        for table in (self.connects, self.messages):
+            for key in [k for k, v in table.items() if not v or v[-1] <= now - self.WINDOW]:
+                del table[key]
 
 
 class TicketgateSMTP(SMTP):
@@ -42,11 +153,24 @@ class TicketgateSMTP(SMTP):
     (and, retrying, could never deliver that mail).  Here, bytes arriving during DATA also count
     as activity.  Outside DATA the timer still runs per command, so a client sending junk lines
     cannot keep a session open forever.  On timeout the client is told ``421 4.4.2`` first.
+
+    Hardening (``[smtp]``, see SECURITY.md): per-client connection and message limits
+    (:class:`PeerLimits`); a greeting delay, input before the 220 is answered 554 and the client
+    is disconnected; EHLO, HELO and DATA must end a pipelined group (RFC 2920 section 3.1), more
+    input before their reply is answered 554 and disconnected; after ``max_bad_recipients``
+    RCPTs answered 550/553 the next RCPT gets 421 and the session ends.
     """
 
     active_sessions: ClassVar[int] = 0
     live: ClassVar[set[TicketgateSMTP]] = set()
     max_sessions: ClassVar[int] = 200
+    limits: ClassVar[PeerLimits] = PeerLimits()
+    greeting_delay: ClassVar[float] = 0.0
+    max_bad_recipients: ClassVar[int] = 0
+    _client_key: str | None = None
+    _counted: bool = False
+    _bad_recipients: int = 0
+    _last_reply: str = ""
     # Tolerate clients that end lines with a bare LF inside DATA (the terminator must still be
     # CRLF.CRLF, so SMTP smuggling stays impossible).
     line_length_limit = 64 * 1024
@@ -63,15 +187,26 @@ class TicketgateSMTP(SMTP):
     async def push(self, status: Any) -> None:
         if isinstance(status, str):
             status = self._REPLY_REWRITES.get(status, status)
+            self._last_reply = status
         await super().push(status)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._original_transport is None and self.transport is None:
+            refusal = None
             if TicketgateSMTP.active_sessions >= TicketgateSMTP.max_sessions:
-                transport.write(b"421 4.3.2 Too many connections, try again later\r\n")
+                refusal = "421 4.3.2 Too many connections, try again later"
+            else:
+                peer = transport.get_extra_info("peername")
+                self._client_key = self.limits.client_key(peer)
+                refusal = self.limits.connect(self._client_key)
+                if refusal is not None:
+                    log.info("refused %r: %s", peer, refusal)
+            if refusal is not None:
+                transport.write(refusal.encode() + b"\r\n")
                 transport.close()
                 self._refused = True
                 return
+            self._counted = True
             TicketgateSMTP.active_sessions += 1
             TicketgateSMTP.live.add(self)
         self._refused = False
@@ -80,14 +215,85 @@ class TicketgateSMTP(SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         if getattr(self, "_refused", False):
             return
+        if self._counted:
+            self._counted = False
+            self.limits.disconnect(self._client_key)
         TicketgateSMTP.active_sessions = max(0, TicketgateSMTP.active_sessions - 1)
         TicketgateSMTP.live.discard(self)
         super().connection_lost(error)
+
+    def allow_message(self) -> bool:
+        """Count a new transaction (MAIL FROM) against the client's message rate."""
+        return self.limits.message(self._client_key)
+
+    def _pending_input(self) -> int:
+        """Bytes the client sent that no command has read yet."""
+        return len(getattr(self._reader, "_buffer", b""))
+
+    async def _hang_up(self, reply: str) -> None:
+        """Answer ``reply`` and end the session; whatever else the client sent is not run."""
+        buffer = getattr(self._reader, "_buffer", None)
+        if buffer is not None:
+            buffer.clear()
+        with contextlib.suppress(ConnectionError):
+            await self.push(reply)
+        if self.transport is not None:
+            self.transport.close()
+        if self._handler_coroutine is not None:
+            self._handler_coroutine.cancel()
+
+    async def _handle_client(self) -> None:
+        """Wait ``greeting_delay`` before the 220: a client that talks first is not an MTA
+        (RFC 5321 section 3.1: the client waits for the greeting), it is told 554 and dropped."""
+        if self.greeting_delay > 0:
+            await asyncio.sleep(self.greeting_delay)
+        if self._pending_input():
+            log.info("%r sent data before the greeting: rejected", self.session.peer)
+            await self._hang_up("554 5.5.0 Protocol error: data sent before the greeting")
+            return
+        await super()._handle_client()
+
+    async def _out_of_sync(self, command: str) -> bool:
+        """RFC 2920 section 3.1: EHLO, HELO and DATA can only be the last command of a pipelined
+        group.  Input already waiting when their reply is due was sent without waiting for it
+        (for DATA: the message before the 354), which no conforming client does; the session
+        ends with 554 instead of running what a spam bot queued blindly."""
+        if not self._pending_input():
+            return False
+        log.info("%r sent data before the reply to %s: rejected", self.session.peer, command)
+        await self._hang_up("554 5.5.0 Error: SMTP protocol synchronization")
+        return True
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        if not await self._out_of_sync("HELO"):
+            await super().smtp_HELO(hostname)
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        if not await self._out_of_sync("EHLO"):
+            await super().smtp_EHLO(hostname)
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        """After ``max_bad_recipients`` RCPTs refused as unknown or malformed, the next RCPT
+        ends the session with 421: a dictionary attack learns little per connection."""
+        if 0 < self.max_bad_recipients <= self._bad_recipients:
+            log.info("%r: %d invalid recipients, closing", self.session.peer,
+                     self._bad_recipients)
+            await self._hang_up("421 4.7.0 Too many invalid recipients, closing connection")
+            return
+        self._last_reply = ""
+        await super().smtp_RCPT(arg)
+        if self._last_reply[:3] in ("550", "553"):
+            self._bad_recipients += 1
 
     _in_data: bool = False
 
     @syntax("DATA")  # keeps HELP DATA working
     async def smtp_DATA(self, arg: str) -> None:
+        if await self._out_of_sync("DATA"):
+            return
         self._in_data = True
         try:
             await super().smtp_DATA(arg)
@@ -164,11 +370,20 @@ class SpoolingHandler:
             # With SMTPUTF8 on, aiosmtpd decodes with surrogateescape; such a string cannot be
             # stored (the spool write raised UnicodeEncodeError and the client got a 500).
             return "553 5.1.7 Sender address is not valid UTF-8"
+        if _CONTROL.search(address):
+            # No address may hold one (RFC 5321 section 4.1.2); stored, a CR or NUL could
+            # forge header lines or break PostgreSQL.  aiosmtpd splits lines at LF only, so a
+            # bare CR does arrive here.
+            return "553 5.1.7 Sender address contains control characters"
         backlog = await asyncio.to_thread(self.ingestor.backlog)
         if backlog >= self.settings.smtp.backlog_limit:
             log.warning("backlog %d >= %d: deferring new mail", backlog,
                         self.settings.smtp.backlog_limit)
             return "451 4.3.2 Too much mail waiting to be processed, try again later"
+        allow_message = getattr(server, "allow_message", None)
+        if allow_message is not None and not allow_message():
+            log.info("%r over the message rate: deferring", session.peer)
+            return "451 4.7.1 Too many messages from your address, try again later"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"
@@ -177,6 +392,8 @@ class SpoolingHandler:
                           address: str, rcpt_options: list[str]) -> str:
         if not _valid_utf8(address):
             return "553 5.1.3 Recipient address is not valid UTF-8"
+        if _CONTROL.search(address):  # matters where a mailbox has accept_any (the demo)
+            return "553 5.1.3 Recipient address contains control characters"
         if len(envelope.rcpt_tos) >= self.settings.smtp.max_recipients:
             return "452 4.5.3 Too many recipients"
         if self.settings.mailbox_for_address(_bare(address)) is None:
@@ -197,7 +414,7 @@ class SpoolingHandler:
         raw = self._received_header(session, envelope, peer_ip, queue_id) + content
         spool_envelope = SpoolEnvelope(mail_from=envelope.mail_from,
                                        rcpt_to=list(envelope.rcpt_tos),
-                                       client_ip=peer_ip, helo=_text(session.host_name))
+                                       client_ip=peer_ip, helo=_stored_helo(session.host_name))
         try:
             ids = await asyncio.to_thread(self.ingestor.receive_many, raw, mailboxes, "smtp",
                                           f"smtp {peer_ip} {queue_id}", spool_envelope)
@@ -212,7 +429,7 @@ class SpoolingHandler:
     def _received_header(self, session: Session, envelope: Envelope, peer_ip: str,
                          queue_id: str) -> bytes:
         protocol = "ESMTPS" if session.ssl else ("ESMTP" if session.extended_smtp else "SMTP")
-        helo = (session.host_name or "unknown").replace("\r", "").replace("\n", "")[:200]
+        helo = _escape_controls(_text(session.host_name) or "unknown")[:200]
         rcpt = envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None
         header = (
             f"Received: from {helo} ([{peer_ip}])\r\n"
@@ -241,6 +458,24 @@ def _text(value: str | None) -> str | None:
     if value is None:
         return None
     return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _escape_controls(text: str) -> str:
+    """``text`` with each control character written as a visible escape (CR as ``\\x0d``).
+
+    HELO is accepted as sent (it is only informational), but a bare CR, a NUL or an escape
+    sequence in it must not start a new header line in the stored mail, end up in a
+    database column (PostgreSQL refuses NUL) or reach a terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256
+                        else f"\\u{ord(m.group()):04x}", text)
+
+
+def _stored_helo(value: str | None) -> str | None:
+    """HELO as stored in ``inbound_mails.helo``: valid UTF-8, escaped, within its 255
+    characters (a longer one made the row fail on PostgreSQL)."""
+    if value is None:
+        return None
+    return _escape_controls(_text(value) or "")[:255]
 
 
 def data_size_limit(settings: Settings) -> int:
@@ -272,6 +507,9 @@ async def serve_smtp(ingestor: Ingestor, enqueue: Any, *, host: str | None = Non
     handler = SpoolingHandler(ingestor, enqueue)
     context = tls_context(settings)
     TicketgateSMTP.max_sessions = settings.smtp.max_sessions
+    TicketgateSMTP.limits = PeerLimits.from_settings(settings)
+    TicketgateSMTP.greeting_delay = settings.smtp.greeting_delay
+    TicketgateSMTP.max_bad_recipients = settings.smtp.max_bad_recipients
 
     def factory() -> SMTP:
         return TicketgateSMTP(

@@ -74,12 +74,17 @@ def identify_sender(ctx: MailContext) -> Outcome | None:
     creating_ticket = ctx.ticket is None
     address = normalize_address(ctx.sender_email) if ctx.sender_email else ""
     person, created = find_or_create_person(
-        ctx.session, address, ctx.sender_name, create=policy == "create" or not creating_ticket
+        ctx.session, address, ctx.sender_name,
+        create=(policy == "create" or not creating_ticket) and not ctx.unverified,
     )
+    if person is not None and ctx.unverified:  # a forged From must not speak for a customer
+        ctx.trace.add("sender", f"known person {address} not attributed: unverified sender")
+        person = None
     if person is None and creating_ticket and policy == "reject":
-        reason = f"unknown sender {address or '(no address)'}: mailbox accepts known persons only"
+        reason = (f"unverified sender {address}: {ctx.unverified}" if ctx.unverified else
+                  f"unknown sender {address or '(no address)'}: mailbox accepts known persons only")
         ctx.trace.add("sender", reason)
-        return Outcome("rejected", reason)
+        return Outcome("rejected", reason[:2000])
     ctx.person = person
     if person is not None:
         ctx.contact = person.contact or contact_for_domain(

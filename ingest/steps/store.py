@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from ingest.context import MailContext, Outcome
 from ingest.models import Attachment, Message, Ticket, TicketNumberCounter, utcnow
 from ingest.reference import Reference
+from ingest.steps.circuit_breaker import subject_key
 
 MAX_TITLE = 255
 
@@ -75,6 +76,7 @@ def _new_ticket(ctx: MailContext, ref: Reference, now: dt.datetime) -> Ticket:
         description=mail.text[:4000],
         origin="Mail",
         slevel="external",
+        unverified=bool(ctx.unverified),
     )
     ctx.session.add(ticket)
     ctx.session.flush()
@@ -83,6 +85,13 @@ def _new_ticket(ctx: MailContext, ref: Reference, now: dt.datetime) -> Ticket:
 
 def _reopen_if_closed(ctx: MailContext, ticket: Ticket, ref: Reference) -> None:
     if ticket.base_status != "closed" or ctx.classification.is_automatic:
+        return
+    cap = ctx.settings.limits.max_reopens_per_ticket
+    if cap and ticket.reopen_count >= cap:
+        remark = (f"circuit breaker: ticket {ticket.id} was reopened {ticket.reopen_count} "
+                  f"times (limit {cap}); appended, left closed")
+        ctx.remarks.append(remark)
+        ctx.trace.add("store", remark)
         return
     status_id = ref.statuses.get(ctx.settings.service.default_status)
     ticket.status_id = status_id
@@ -132,6 +141,10 @@ def store_ticket(ctx: MailContext, ref: Reference) -> Outcome:
         kind=ctx.classification.kind,
         author=(ctx.sender_name or ctx.sender_email)[:400],
         person_id=ctx.person.id if ctx.person and not ctx.classification.is_automatic else None,
+        auth_verdict=ctx.authentication.verdict,
+        authentication=ctx.authentication.as_dict() if ctx.authentication.evaluated else None,
+        unverified=bool(ctx.unverified),
+        subject_key=subject_key(mail.subject),
     )
     ctx.session.add(message)
     ctx.session.flush()
@@ -160,5 +173,6 @@ def store_ticket(ctx: MailContext, ref: Reference) -> Outcome:
         f"{action} ticket {ticket.id} ({ticket.ticket_number}), message {message.id}",
         attachments=[a.filename for a in mail.attachments],
     )
-    return Outcome(action, ctx.note, ticket=ticket)
+    reason = "; ".join(n for n in (ctx.note, *ctx.remarks) if n) or None
+    return Outcome(action, reason, ticket=ticket)
 

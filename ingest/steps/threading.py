@@ -3,8 +3,9 @@
 Header evidence (In-Reply-To, References, our signed Message-IDs, the ids quoted in a bounce) is
 trusted: a stranger cannot know them.  Subject evidence (``[#ID]`` tag, ticket number) is easy to
 forge, so on its own it threads only mail from someone the ticket already knows: its person, a
-secondary person, an associate, or an address of the same company.  Zammad threads on any tag and
-RT on tag alone; osTicket's collaborator check is the model here.
+secondary person, an associate, or an address of the same company; and only when the sender is
+not unverified (SPF/DKIM/DMARC, see :mod:`ingest.steps.authenticate`).  Zammad threads on any
+tag and RT on tag alone; osTicket's collaborator check is the model here.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 from sqlalchemy import select
 
 from ingest.context import MailContext, Outcome
-from ingest.models import Associate, Message, Person, Ticket
+from ingest.errors import ParentPending
+from ingest.models import Associate, InboundMail, Message, Person, Ticket, utcnow
 from ingest.steps.sender import contact_for_domain
 from ingest.tokens import tagged_ticket_ids, ticket_from_message_id, ticket_numbers
 
@@ -93,7 +95,36 @@ def sender_knows_ticket(ctx: MailContext, ticket: Ticket) -> str | None:
     return None
 
 
+def _wait_for_spooled_parent(ctx: MailContext) -> None:
+    """Raise :class:`ParentPending` when a mail this one answers is spooled but unprocessed.
+
+    Without this, a reply processed before its parent (a lost task re-enqueued by the sweep, or
+    two workers racing) would open a ticket of its own.  Only workers defer, only for mails
+    received earlier in the same mailbox, and only for ``worker.parent_wait_seconds``.
+    """
+    mail = ctx.mail
+    ids = list(dict.fromkeys(mail.in_reply_to + mail.references
+                             + ctx.classification.referenced_ids))[:MAX_REFERENCES]
+    if not ctx.can_defer or not ids:
+        return
+    waited = (utcnow() - ctx.inbound.received_at).total_seconds()
+    if waited > ctx.settings.worker.parent_wait_seconds:
+        return
+    parent = ctx.session.scalar(
+        select(InboundMail.id).where(
+            InboundMail.state == "received",
+            InboundMail.mailbox_id == ctx.inbound.mailbox_id,
+            InboundMail.header_message_id.in_(ids),
+            InboundMail.id < ctx.inbound.id,
+        ).limit(1)
+    )
+    if parent is not None:
+        ctx.trace.add("thread", f"waiting for inbound {parent}, which this mail answers")
+        raise ParentPending(f"inbound {ctx.inbound.id} waits for its parent, inbound {parent}")
+
+
 def find_ticket(ctx: MailContext) -> Outcome | None:
+    _wait_for_spooled_parent(ctx)
     headers = _header_candidates(ctx)
     subjects = _subject_candidates(ctx)
     chosen: int | None = None
@@ -107,7 +138,8 @@ def find_ticket(ctx: MailContext) -> Outcome | None:
                 ticket = ctx.session.get(Ticket, candidate)
                 if ticket is None:
                     continue
-                why = sender_knows_ticket(ctx, ticket)
+                # A subject tag is easy to forge: it counts only from an authenticated sender.
+                why = None if ctx.unverified else sender_knows_ticket(ctx, ticket)
                 if why:
                     chosen = candidate
                     ctx.note = None
@@ -115,6 +147,8 @@ def find_ticket(ctx: MailContext) -> Outcome | None:
                     break
                 who = ctx.sender_email or "sender"
                 ctx.note = (
+                    f"subject tag for ticket {candidate} not trusted: {who} is unverified"
+                    if ctx.unverified else
                     f"subject tag for ticket {candidate} not trusted: {who}"
                     " is neither its person, a Cc on it, an associate, nor from its company"
                 )

@@ -1,0 +1,100 @@
+"""The circuit breaker on incoming rate: no ticket storm, even from mail that looks human.
+
+``classify`` and ``automail`` stop the loops that announce themselves (RFC 3834 headers,
+bounces, list mail).  This step stops the ones that do not: two autoresponders that answer each
+other through the support address without ``Auto-Submitted``, a misconfigured monitoring system,
+a mail server re-sending in a loop.  Limits (``[limits]``), counted over the last
+``window_seconds`` from the ``messages`` table, so every worker sees the same numbers:
+
+* ``per_ticket_max``: mails appended to one ticket;
+* ``per_sender_subject_max``: mails from one address on one subject (``Re:``/``AW:``/tags and
+  ticket numbers stripped) that would open yet another ticket, the signature of a loop;
+* ``per_sender_max``: mails from one address, whatever they are about: a flood ceiling.
+
+Past a limit the mail is quarantined with the reason ``circuit breaker: ...``: kept, queryable,
+and ``quarantine replay`` lets it through once the operator has looked.  Reopening is capped
+separately (``max_reopens_per_ticket``, in :mod:`ingest.steps.store`).
+
+It runs after threading and ``automail`` (it must know the ticket, and automatic mail without a
+ticket is already ignored, so it is not counted twice) and before routing and the sender step,
+so a held mail leaves no person or rule side effect behind.  Counts are read without locks: two
+workers may each let one mail past the limit at the same instant, which bounds the overshoot by
+the number of workers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import re
+
+from sqlalchemy import func, select
+
+from ingest.context import MailContext, Outcome
+from ingest.models import Message, utcnow
+
+HOLD = "circuit breaker"  # the quarantine reason's prefix; a replay of it is a release
+_BRACKETS = re.compile(r"\[[^\]]{0,100}\]|\([^)]{0,100}\)")
+_PREFIX = re.compile(
+    r"^\s*(re|aw|antw|antwort|sv|vs|fw|fwd|wg|tr|rv|r|odp|ynt|auto|autoreply|auto-reply"
+    r"|automatic reply|réf|ref)\s*(\[\d+\])?\s*[:：]\s*",
+    re.I,
+)
+_TICKET_NUMBER = re.compile(r"\bt\d{8}\.\d{4}\b|#\d+", re.I)
+
+
+def subject_key(subject: str) -> str:
+    """The subject a loop keeps repeating: lower-cased, reply prefixes, bracketed tags and
+    ticket numbers removed (``Re: AW: [#12] Re: Printer`` -> ``printer``), then hashed."""
+    text = _BRACKETS.sub(" ", subject.lower())
+    text = _TICKET_NUMBER.sub(" ", text)
+    previous = None
+    while previous != text:
+        previous = text
+        text = _PREFIX.sub("", text)
+    text = " ".join(text.split())
+    return hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()
+
+
+def _count(ctx: MailContext, *conditions: object) -> int:
+    return int(ctx.session.scalar(
+        select(func.count()).select_from(Message).where(*conditions)  # type: ignore[arg-type]
+    ) or 0)
+
+
+def circuit_breaker(ctx: MailContext) -> Outcome | None:
+    limits = ctx.settings.limits
+    if ctx.inbound.door not in limits.doors:
+        ctx.trace.add("breaker", f"door {ctx.inbound.door} is not watched")
+        return None
+    held = ctx.replayed_hold
+    if held is not None and held.startswith(HOLD):
+        ctx.trace.add("breaker", "released from quarantine by replay")
+        return None
+    window = limits.window_seconds
+    since = utcnow() - dt.timedelta(seconds=window)
+    sender = ctx.sender_email
+    counts: dict[str, int] = {}
+    checks: list[tuple[str, int, tuple[object, ...], str]] = []
+    if ctx.ticket is not None and limits.per_ticket_max:
+        checks.append(("ticket", limits.per_ticket_max,
+                       (Message.ticket_id == ctx.ticket.id,),
+                       f"ticket {ctx.ticket.id} got"))
+    if sender and ctx.ticket is None and limits.per_sender_subject_max:
+        checks.append(("sender+subject", limits.per_sender_subject_max,
+                       (Message.from_address == sender,
+                        Message.subject_key == subject_key(ctx.mail.subject)),
+                       f"{sender} sent"))
+    if sender and limits.per_sender_max:
+        checks.append(("sender", limits.per_sender_max, (Message.from_address == sender,),
+                       f"{sender} sent"))
+    for name, limit, conditions, who in checks:
+        counts[name] = seen = _count(ctx, Message.created_at >= since, *conditions)
+        if seen >= limit:
+            about = " on this subject" if name == "sender+subject" else ""
+            reason = (f"{HOLD}: {who} {seen} mails{about} in the last {window} s "
+                      f"(limit {limit} per {name})")
+            ctx.trace.add("breaker", reason, counts=counts)
+            return Outcome("quarantined", reason[:2000])
+    ctx.trace.add("breaker", "within limits", counts=counts)
+    return None
