@@ -531,7 +531,7 @@ def _unquote(value: str) -> str:
 
 def parse_authentication_results(value: str) -> AuthResultsHeader | None:
     """One Authentication-Results field value; None when it has no authserv-id."""
-    text = " ".join(str(value).split())[:20_000]
+    text = " ".join(re.sub(r"[\x00-\x1f\x7f]", " ", str(value)).split())[:20_000]
     segments, comments = _split_comments(text)
     head = segments[0].split()
     if not head:

@@ -44,7 +44,20 @@ _WHOLE_PARTS = frozenset(
     {"message/rfc822", "message/global", "message/external-body", "text/rfc822-headers"}
 )
 _EPILOGUE_DEFECTS = frozenset({"StartBoundaryNotFoundDefect"})  # mailparser.const.EPILOGUE_DEFECTS
-_UNSAFE_FILENAME = re.compile(r"[\x00-\x1f\x7f/\\:*?\"<>|]+")
+# Control characters, path separators, characters Windows refuses, and the Unicode bidi
+# controls that make "invoice\u202efdp.exe" display as "invoiceexe.pdf".
+_UNSAFE_FILENAME = re.compile(
+    r"[\x00-\x1f\x7f-\x9f/\\:*?\"<>|\u200e\u200f\u202a-\u202e\u2066-\u2069]+")
+# What must never reach a one-line stored field (subject, names, addresses, ids): a CR or LF
+# there is a header injection waiting for whoever writes it into a mail; NUL breaks PostgreSQL.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u2028\u2029]")
+# Hostile-input limits (design.md invariant 5): past one, the mail is rejected with the reason.
+MAX_HEADER_BYTES = 1024 * 1024  # the top-level header block
+MAX_HEADER_FIELDS = 2000  # top-level header fields
+MAX_MIME_PARTS = 1000  # parts of any kind, nested mails included
+MAX_MIME_DEPTH = 50  # multipart and message/* nesting
+MAX_ATTACHMENTS = 500
+MAX_ATTACHMENT_BYTES = 100 * 1024 * 1024  # decoded, all attachments together (TNEF unpacked)
 MAX_FILENAME = 180
 MIN_GUESS_BYTES = 16  # non-ASCII bytes a header needs before a statistical charset guess
 
@@ -278,6 +291,46 @@ def normalize_message_id(value: str | None) -> str | None:
     return cleaned[:900] or None
 
 
+class MailLimitExceeded(ParseError):
+    """The mail is over one of the hostile-input limits; its message is the reason."""
+
+
+def single_line(value: str) -> str:
+    """A value for a one-line field: control characters dropped, white space collapsed."""
+    return " ".join(_CONTROL.sub("", value).split())
+
+
+def _check_raw_limits(raw: bytes) -> None:
+    """Cheap checks on the bytes, before any parser spends time on them."""
+    end = re.search(rb"\r?\n\r?\n", raw)
+    head = raw[: end.start()] if end else raw
+    if len(head) > MAX_HEADER_BYTES:
+        raise MailLimitExceeded(f"header block of {len(head)} bytes (limit {MAX_HEADER_BYTES})")
+    fields = len(re.findall(rb"(?m)^[^ \t\r\n]", head))
+    if fields > MAX_HEADER_FIELDS:
+        raise MailLimitExceeded(f"{fields} header fields (limit {MAX_HEADER_FIELDS})")
+    declared = len(re.findall(rb"(?im)^content-type[ \t]*:", raw))
+    if declared > MAX_MIME_PARTS:
+        raise MailLimitExceeded(f"{declared} MIME parts declared (limit {MAX_MIME_PARTS})")
+
+
+def _check_structure(message: EmailMessage) -> EmailMessage:
+    """Count parts and nesting without recursion (the stdlib's walk() recurses)."""
+    stack: list[tuple[Any, int]] = [(message, 1)]
+    parts = 0
+    while stack:
+        part, depth = stack.pop()
+        parts += 1
+        if parts > MAX_MIME_PARTS:
+            raise MailLimitExceeded(f"more than {MAX_MIME_PARTS} MIME parts")
+        if depth > MAX_MIME_DEPTH:
+            raise MailLimitExceeded(f"MIME nesting deeper than {MAX_MIME_DEPTH}")
+        payload = part.get_payload()
+        if isinstance(payload, list):
+            stack.extend((p, depth + 1) for p in payload if isinstance(p, EmailMessage))
+    return message
+
+
 def _addresses(parser: Any, name: str) -> list[tuple[str, str]]:
     try:
         pairs = getattr(parser, name) or []
@@ -294,7 +347,7 @@ def _addresses(parser: Any, name: str) -> list[tuple[str, str]]:
             if not match:
                 continue
             address = match.group(0)
-        out.append((display.strip(), address))
+        out.append((single_line(display), single_line(address)))
     return out
 
 
@@ -416,10 +469,14 @@ def sanitize_html(html: str) -> str:
 
 
 def parse_mail(raw: bytes) -> ParsedMail:
-    """Parse raw bytes; raises :class:`ParseError` when nothing mail-like can be read."""
+    """Parse raw bytes; raises :class:`ParseError` when nothing mail-like can be read, and
+    :class:`MailLimitExceeded` when the mail is over a hostile-input limit."""
+    _check_raw_limits(raw)
     try:
-        parser = _RobustMailParser.from_bytes(raw)
-    except Exception as exc:  # mail-parser raises many types on hostile input
+        parser = _RobustMailParser(_check_structure(email.message_from_bytes(raw)))
+    except MailLimitExceeded:
+        raise
+    except Exception as exc:  # mail-parser raises many types on hostile input (RecursionError)
         raise ParseError(f"mail could not be parsed: {type(exc).__name__}: {exc}") from exc
     message: EmailMessage = parser.message
     froms = _addresses(parser, "from_")
@@ -440,6 +497,13 @@ def parse_mail(raw: bytes) -> ParsedMail:
         attachments.remove(tnef_body)
         if not text.strip():
             text = decode_text(tnef_body.data, None)
+    if len(attachments) > MAX_ATTACHMENTS:
+        raise MailLimitExceeded(f"{len(attachments)} attachments (limit {MAX_ATTACHMENTS})")
+    total = sum(len(a.data) for a in attachments)
+    if total > MAX_ATTACHMENT_BYTES:
+        raise MailLimitExceeded(f"attachments of {total} bytes (limit {MAX_ATTACHMENT_BYTES})")
+    for part in attachments:
+        part.content_id = single_line(part.content_id) or None if part.content_id else None
     date = None
     try:
         date_value = parser.date
@@ -454,10 +518,11 @@ def parse_mail(raw: bytes) -> ParsedMail:
             defects.extend(f"{key}: {v}" for v in values)
     return ParsedMail(
         message=message,
-        subject=" ".join(decode_header_value(message.get("Subject", ""), hint).split()),
-        message_id=normalize_message_id(message.get("Message-ID")),
-        in_reply_to=_ids(str(message.get("In-Reply-To", "") or "")),
-        references=_ids(" ".join(str(v) for v in message.get_all("References", []))),
+        subject=single_line(decode_header_value(message.get("Subject", ""), hint)),
+        message_id=single_line(normalize_message_id(message.get("Message-ID")) or "") or None,
+        in_reply_to=[single_line(i) for i in _ids(str(message.get("In-Reply-To", "") or ""))],
+        references=[single_line(i) for i in
+                    _ids(" ".join(str(v) for v in message.get_all("References", [])))],
         from_name=from_name,
         from_address=from_address.lower(),
         reply_to=_addresses(parser, "reply_to"),
@@ -465,10 +530,10 @@ def parse_mail(raw: bytes) -> ParsedMail:
         to=_addresses(parser, "to"),
         cc=_addresses(parser, "cc"),
         date=date,
-        text=text,
-        html=sanitize_html(html) if html else "",
+        text=text,  # NUL kept (faithful); the store drops it where the database cannot hold it
+        html=sanitize_html(html).replace("\x00", "") if html else "",
         attachments=attachments,
         defects=defects,
-        header_block=header_block,
+        header_block=header_block.replace("\x00", ""),
         header_charset=hint,
     )

@@ -29,8 +29,8 @@ def is_tnef(content_type: str, filename: str) -> bool:
 def unpack(data: bytes) -> list[ParsedAttachment] | None:
     """The files inside a TNEF blob, plus its text body as a ``tnef-body`` pseudo-attachment.
 
-    Returns ``None`` when the blob is not valid TNEF or exceeds the limits; the caller then keeps
-    the raw ``winmail.dat``.
+    Returns ``None`` when the blob is not valid TNEF, holds nothing, or exceeds the limits; the
+    caller then keeps the raw ``winmail.dat``.
     """
     from ingest.parse import ParsedAttachment, safe_filename
 
@@ -60,4 +60,4 @@ def unpack(data: bytes) -> list[ParsedAttachment] | None:
     if body:
         raw = body if isinstance(body, bytes) else str(body).encode("utf-8")
         found.append(ParsedAttachment("body.txt", "text/plain", raw, origin="tnef-body"))
-    return found
+    return found or None  # nothing inside: keep the raw winmail.dat rather than lose it

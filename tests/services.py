@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import glob
+import grp
 import os
 import pwd
 import secrets
@@ -481,6 +482,8 @@ DOVECOT_IMAP = "/usr/lib/dovecot/imap"
 DOVECOT_INTERNAL_USER = "dovecot"  # created by Debian's dovecot-core
 DOVECOT_LOGIN_USER = "dovenull"
 DOVECOT_MAIL_USER = "nobody"  # owns the test maildirs (Dovecot never runs mail as root)
+LEGACY_ADDRESS = "127.0.0.2"  # Linux routes all of 127/8 to lo
+NO_TLS_ADDRESS = "127.0.0.3"
 
 
 def _ensure_dovecot(config: pytest.Config) -> None:
@@ -502,7 +505,7 @@ def _openssl(*args: str) -> None:
 
 
 def make_test_ca(directory: Path, name: str) -> tuple[Path, Path, Path]:
-    """A private CA and a server certificate it signed for 127.0.0.1 and localhost.
+    """A private CA and a server certificate it signed for 127.0.0.1, 127.0.0.2 and localhost.
 
     Returns ``(ca_cert, server_cert, server_key)``; the CA cert is what a client's ``ca_file``
     must contain to trust the server.
@@ -512,7 +515,7 @@ def make_test_ca(directory: Path, name: str) -> tuple[Path, Path, Path]:
     key, csr, cert = (directory / f"{name}.key", directory / f"{name}.csr",
                       directory / f"{name}.pem")
     ext = directory / f"{name}.ext"
-    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+    ext.write_text("subjectAltName=IP:127.0.0.1,IP:127.0.0.2,DNS:localhost\n"
                    "extendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n")
     _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
              "-keyout", str(ca_key), "-out", str(ca_cert), "-days", "2",
@@ -530,6 +533,9 @@ class DovecotServer:
     * IMAPS (implicit TLS) on ``imaps_port`` and IMAP with STARTTLS on ``imap_port``, both on
       127.0.0.1 only, with a certificate signed by a CA made for this session (``ca_file``);
       ``other_ca_file`` is an unrelated CA, for "certificate not trusted" tests.
+    * IMAPS on ``LEGACY_ADDRESS:legacy_port`` announcing neither MOVE nor UIDPLUS, for the
+      COPY + \\Deleted + EXPUNGE paths of clients.
+    * IMAP on ``NO_TLS_ADDRESS:no_tls_port`` offering no STARTTLS (a stripped capability list).
     * Users in passwd-files, one per user (:meth:`add_user`, :meth:`set_password`), mail in
       Maildirs under the temp dir.
     * Run as root, Dovecot's own processes use the unprivileged ``dovecot``/``dovenull`` users
@@ -549,6 +555,8 @@ class DovecotServer:
         self.instance = f"tg-{self.base.name[-8:]}"
         self.imap_port = 0
         self.imaps_port = 0
+        self.legacy_port = 0  # IMAPS on LEGACY_ADDRESS, without MOVE and UIDPLUS
+        self.no_tls_port = 0  # IMAP on NO_TLS_ADDRESS, no STARTTLS offered
         self._proc: subprocess.Popen[bytes] | None = None
         certs = self.base / "certs"
         self.ca_file, self.cert_file, self.key_file = make_test_ca(certs, "server")
@@ -556,11 +564,14 @@ class DovecotServer:
         if self.as_root:
             mail = pwd.getpwnam(DOVECOT_MAIL_USER)
             internal, login = DOVECOT_INTERNAL_USER, DOVECOT_LOGIN_USER
+            internal_group = DOVECOT_INTERNAL_USER
         else:
             mail = pwd.getpwuid(os.geteuid())
             internal = login = mail.pw_name
+            internal_group = grp.getgrgid(mail.pw_gid).gr_name
         self._uid, self._gid = mail.pw_uid, mail.pw_gid
         self._internal_user, self._login_user = internal, login
+        self._internal_group = internal_group
         self.maildir.mkdir()
         os.chown(self.maildir, self._uid, self._gid)
         self.users_dir.mkdir()
@@ -605,11 +616,11 @@ instance_name = {self.instance}
 base_dir = {b}/run
 state_dir = {b}/state
 protocols = imap
-listen = 127.0.0.1
+listen = 127.0.0.1, {LEGACY_ADDRESS}, {NO_TLS_ADDRESS}
 log_path = {self.logfile}
 verbose_proctitle = yes
 default_internal_user = {self._internal_user}
-default_internal_group = {self._internal_user}
+default_internal_group = {self._internal_group}
 default_login_user = {self._login_user}
 first_valid_uid = {min(self._uid, 500)}
 ssl = required
@@ -630,6 +641,7 @@ mail_location = maildir:~/Maildir
 mail_fsync = never
 mail_max_userip_connections = 50
 service imap-login {{
+  {"" if self.as_root else "chroot ="}
   inet_listener imap {{
     address = 127.0.0.1
     port = {self.imap_port}
@@ -639,9 +651,32 @@ service imap-login {{
     port = {self.imaps_port}
     ssl = yes
   }}
+  inet_listener imaps_legacy {{
+    address = {LEGACY_ADDRESS}
+    port = {self.legacy_port}
+    ssl = yes
+  }}
+  inet_listener imap_no_tls {{
+    address = {NO_TLS_ADDRESS}
+    port = {self.no_tls_port}
+  }}
+}}
+# A server that offers no STARTTLS (what a man in the middle makes of any server).
+local {NO_TLS_ADDRESS} {{
+  ssl = no
+}}
+# A server without MOVE and UIDPLUS (they are younger than many IMAP servers in use).
+local {LEGACY_ADDRESS} {{
+  protocol imap {{
+    imap_capability = IMAP4rev1 LITERAL+ SASL-IR ID ENABLE IDLE NAMESPACE CHILDREN
+  }}
 }}
 service anvil {{
   chroot =
+  # No auth penalty (up to 15 s per failed login from an IP): tests fail logins on purpose.
+  unix_listener anvil-auth-penalty {{
+    mode = 0
+  }}
 }}
 service stats {{
   unix_listener stats-writer {{
@@ -662,9 +697,10 @@ service stats {{
     def start(self, attempts: int = 3) -> None:
         """Start on free ports; retry with others if one was taken in the meantime."""
         for _attempt in range(attempts):
-            self.imap_port, self.imaps_port = _free_port(), _free_port()
-            if self.imap_port == self.imaps_port:
+            ports = {_free_port() for _ in range(4)}
+            if len(ports) < 4:
                 continue
+            self.imap_port, self.imaps_port, self.legacy_port, self.no_tls_port = sorted(ports)
             self._write_config()
             self._proc = subprocess.Popen(
                 [DOVECOT_BINARY, "-c", str(self.config_file), "-F"],
@@ -676,7 +712,9 @@ service stats {{
             )
             deadline = time.monotonic() + READY_TIMEOUT_S
             while time.monotonic() < deadline and self._proc.poll() is None:
-                if all(_port_open(p) for p in (self.imap_port, self.imaps_port)):
+                if all(_port_open(p) for p in (self.imap_port, self.imaps_port)) and \
+                        _port_open(self.legacy_port, LEGACY_ADDRESS) and \
+                        _port_open(self.no_tls_port, NO_TLS_ADDRESS):
                     return
                 time.sleep(0.05)
             self.stop()
@@ -739,9 +777,9 @@ service stats {{
         shutil.rmtree(self.base, ignore_errors=True)
 
 
-def _port_open(port: int) -> bool:
+def _port_open(port: int, host: str = "127.0.0.1") -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
+        with socket.create_connection((host, port), timeout=1):
             return True
     except OSError:
         return False

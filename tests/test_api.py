@@ -20,6 +20,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
 
+from ingest.db import make_engine, make_session_factory
 from ingest.models import FINAL_STATES, InboundMail, Priority, Ticket
 from ingest.service import Ingestor
 from tests.api_helpers import (
@@ -665,6 +666,26 @@ def test_healthz_reports_database_and_broker(make_ingestor: Callable[..., Ingest
     assert sick.status_code == 503
     assert sick.json()["status"] == "unavailable" and sick.json()["broker"]["ok"] is False
     assert sick.json()["database"]["ok"] is True
+
+
+def test_database_down_answers_503_and_stores_nothing(api: tuple[TestClient, Ingestor],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    client, ingestor = api
+    dead = make_engine("postgresql+psycopg://tg@127.0.0.1:1/none?connect_timeout=2")
+    monkeypatch.setattr(ingestor, "sessions", make_session_factory(dead))
+    monkeypatch.setattr(ingestor, "engine", dead)
+    for method, path, body in (("post", GET_TICKETS, {"TicketIds": [1]}),
+                               ("post", SAVE_ENTITY, {"Title": "x"}),
+                               ("post", f"{AT}/query", {}),
+                               ("post", FROM_MAIL, {"MailboxId": 1, "Data": mail()})):
+        response = client.request(method, path, json=body)
+        err = error_of(response, 503)
+        assert err["Code"] in ("DatabaseUnavailable", "StoreUnavailable"), err
+        assert response.headers["Retry-After"]
+    health = client.get("/healthz")
+    assert health.status_code == 503 and health.json()["database"]["ok"] is False
+    assert client.get("/metrics").status_code == 200  # a scrape still answers
+    assert "ticketgate_database_up 0.0" in client.get("/metrics").text
 
 
 _CONFIG_BROKER_DOWN = """

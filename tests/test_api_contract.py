@@ -385,7 +385,7 @@ def test_schemathesis_finds_no_server_error(db_url: str, tmp_path: Path) -> None
             "--checks", "not_a_server_error,ignored_auth",
             "--max-examples", str(SCHEMATHESIS_EXAMPLES),
             "--phases", "examples,coverage,fuzzing",
-            "--workers", "2",
+            "--workers", "1",  # hypothesis is not thread-safe: >1 gives spurious errors
             "--seed", "20261103",
             "--generation-database", "none",
             "--request-timeout", "30",

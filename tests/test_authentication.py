@@ -143,7 +143,7 @@ unknown_sender = "reject"
 def make(tmp_path: Path, dns_server: LoopbackDns) -> Iterator[Callable[..., Ingestor]]:
     made: list[Ingestor] = []
 
-    def build(port: int | None = None, timeout: float = 3.0) -> Ingestor:
+    def build(port: int | None = None, timeout: float = 10.0) -> Ingestor:
         path = tmp_path / f"ticketgate-{len(made)}.toml"
         path.write_text(CONFIG.format(port=port or dns_server.port, timeout=timeout,
                                       trusted=TRUSTED_ID), encoding="utf-8")

@@ -201,6 +201,8 @@ class Site:
 
 
 def write_config(root: Path, smtp: str = "", max_bytes: int = MAIN_MAX_BYTES) -> Path:
+    if "greeting_delay" not in smtp:  # the 1 s default would slow every connection down
+        smtp = f"greeting_delay = 0\n{smtp}"
     config = root / "ticketgate.toml"
     config.write_text(CONFIG.format(data_dir=(root / "data").as_posix(), max_bytes=max_bytes,
                                     hostname=HOSTNAME, smtp=smtp), encoding="utf-8")

@@ -29,12 +29,14 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ingest import entities
 from ingest.entities import AutotaskQuery, Int32, TicketEntityIn
 from ingest.errors import (
+    ConfigError,
     EntityError,
     SpoolError,
     TicketNotFound,
@@ -235,7 +237,7 @@ def create_app(ingestor: Ingestor) -> FastAPI:
     """The ASGI app over one Ingestor (its settings, engine and reference data)."""
     settings = ingestor.settings
     authenticator = Authenticator(settings.api_user)
-    metrics = ApiMetrics.create(ingestor.sessions)
+    metrics = ApiMetrics.create(lambda: ingestor.sessions())  # looked up at each scrape
     app = FastAPI(
         title="ticketgate",
         version="1",
@@ -251,12 +253,7 @@ def create_app(ingestor: Ingestor) -> FastAPI:
     @contextmanager
     def session() -> Iterator[Session]:
         with ingestor.sessions() as s:
-            try:
-                yield s
-            except OperationalError as exc:
-                s.rollback()
-                raise ApiError(503, "DatabaseUnavailable",
-                               f"database unavailable: {type(exc.orig).__name__}") from exc
+            yield s
 
     # -- errors --
 
@@ -269,6 +266,14 @@ def create_app(ingestor: Ingestor) -> FastAPI:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         return render(request, exc.status, exc.code, str(exc), exc.field, **exc.extra)
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(PoolTimeoutError)
+    async def _database_down(request: Request, exc: Exception) -> JSONResponse:
+        # Connection refused, lock timeout, pool exhausted: the client should come back later.
+        log.warning("database unavailable on %s: %s", request.url.path, exc)
+        return render(request, 503, "DatabaseUnavailable",
+                      f"database unavailable, retry later ({type(exc).__name__})")
 
     @app.exception_handler(EntityError)
     async def _entity_error(request: Request, exc: EntityError) -> JSONResponse:
@@ -560,7 +565,11 @@ def serve_api(ingestor: Ingestor, host: str | None = None, port: int | None = No
     import uvicorn
 
     settings = ingestor.settings
-    app = create_app(ingestor)
+    try:
+        app = create_app(ingestor)
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc)
+        raise SystemExit(2) from None
     host = host or settings.http_host
     port = port or settings.http_port
     if not settings.api_user:

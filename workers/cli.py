@@ -56,7 +56,7 @@ def _settings(config: Path | None) -> Settings:
     try:
         return load_settings(config)
     except ConfigError as exc:
-        err.print(f"[red]configuration error:[/red] {escape(str(exc))}")
+        err.print(f"[red]configuration error:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -187,6 +187,11 @@ def worker(
     concurrency: Annotated[int | None, typer.Option(help="Worker processes.")] = None,
     beat: Annotated[bool, typer.Option(help="Also run the periodic sweep (one per site).")] = False,
     pool: Annotated[str, typer.Option(help="Celery pool: prefork, threads or solo.")] = "prefork",
+    name: Annotated[str | None, typer.Option(
+        "--name", help="Celery node name (default celery@HOSTNAME, %h = host name): give each "
+        "worker on one host its own.")] = None,
+    events: Annotated[bool, typer.Option(
+        "--events", help="Send task events, so Flower can show tasks.")] = False,
 ) -> None:
     """A Celery worker that processes spooled mails (run many for scale-out)."""
     settings = _use_config(config)
@@ -194,11 +199,22 @@ def worker(
     from workers.celery_app import app as celery
 
     runtime.configure_logging(role="worker")
+    from celery.signals import setup_logging
+
+    # A receiver tells Celery that logging is configured: it adds no handlers of its own (they
+    # would print Celery-format lines in between the JSON ones).
+    setup_logging.connect(lambda **_: None, weak=False, dispatch_uid="ticketgate-logging")
     runtime.ingestor()  # schema upgrade and reference data before the first task
     metrics.start_worker_server(settings)  # before the pool forks
     argv = ["worker", "--loglevel", "INFO", "--pool", pool,
             "--concurrency", str(concurrency or settings.worker.concurrency),
             "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    if name:
+        argv += ["--hostname", name]
+    if events:
+        argv.append("--task-events")
+    if os.environ.get("TICKETGATE_LOG_FORMAT") == "json":
+        argv.insert(0, "--quiet")  # celery's global option: no banner between the JSON lines
     if beat:
         settings.service.data_dir.mkdir(parents=True, exist_ok=True)
         argv += ["--beat", "--schedule", str(settings.service.data_dir / "beat-schedule")]

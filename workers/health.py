@@ -5,7 +5,7 @@ as the API's ``/healthz``).  With a role, also that role's own process answers:
 
 * ``smtp``: the listener sends its 220 greeting;
 * ``api``: ``GET /healthz`` returns 200;
-* ``worker``: the Celery worker on this host answers a ping (Redis or RabbitMQ broker), else its
+* ``worker``: a Celery worker on this host answers a ping (Redis or RabbitMQ broker), else its
   metrics endpoint answers when ``[metrics]`` is enabled;
 * ``imap``: its metrics endpoint answers when ``[metrics]`` is enabled;
 * ``serve``: smtp and api.
@@ -71,9 +71,10 @@ def check_worker(settings: Settings) -> dict[str, Any]:
     if broker.startswith(("redis", "amqp", "pyamqp", "rediss")):
         from workers.celery_app import app
 
-        node = f"celery@{socket.gethostname()}"
-        replies = app.control.ping(destination=[node], timeout=TIMEOUT_S / 2)
-        return {"ok": bool(replies), "node": node, "replies": len(replies)}
+        host = socket.gethostname()
+        replies = app.control.ping(timeout=TIMEOUT_S / 2)  # every node answers; keep this host's
+        nodes = sorted(n for reply in replies for n in reply if n.endswith(f"@{host}"))
+        return {"ok": bool(nodes), "nodes": ",".join(nodes) or f"none on {host}"}
     if settings.metrics.enabled:
         return check_metrics(settings, "worker")
     return {"ok": True, "skipped": "no remote control on the embedded broker"}

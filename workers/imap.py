@@ -15,10 +15,10 @@ One pass over a folder, in this order, because the order is the promise (design.
 
 A crash anywhere before "acknowledge" leaves the mail on the server as it was, so the next pass
 fetches it again; ``receive_batch`` recognises the same source (account, folder, UIDVALIDITY, UID)
-and hands back the existing record instead of spooling a second one, and the pipeline's
-idempotency key (Message-ID + mailbox) covers every other way a mail can come twice.  A crash after
-"acknowledge" and before "last_uid saved" fetches nothing again: acknowledged mail is \\Seen (and
-the UIDs are above ``last_uid`` only until the next save) or gone from the folder.
+and hands back the existing record (enqueued again if still unprocessed) instead of spooling a
+second one, and the pipeline's idempotency key (Message-ID + mailbox) covers every other way a
+mail can come twice.  A crash after "acknowledge" and before "last_uid saved" is the same case in
+"seen" mode (fetched again, recognised, flagged again); moved or deleted mail is simply gone.
 
 Between passes the thread waits in IDLE when the server has it (new mail within a second or two),
 else sleeps ``poll_interval``.  Every failure (network, TLS, login, server) is logged, stored on
@@ -30,6 +30,7 @@ or is not offered ends the attempt before any password is sent.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import logging
 import os
 import random
@@ -103,6 +104,7 @@ class FolderState:
     uidvalidity: int | None
     last_uid: int
     account: str
+    last_success_at: dt.datetime | None = None
 
 
 def uid_set(uids: Iterable[int]) -> str:
@@ -347,14 +349,11 @@ class ImapPoller:
                 log.warning("%s: UIDVALIDITY is now %s (was %s for %s): synchronising again "
                             "from scratch; mail already ingested comes back as duplicate",
                             self.name, uidvalidity, state.uidvalidity, state.account)
-            # The whole folder is the backlog, except in "seen" mode where mail already read
-            # (by people, before ticketgate) is left alone.
-            criteria = ["UNSEEN", "NOT", "DELETED"] if cfg.after == "seen" else ["NOT", "DELETED"]
-            uids = sorted(self.client.search(criteria))
+            uids = sorted(self.client.search(self._full_sync_criteria(state)))
             full = True
-        taken = self._take_all(uidvalidity, uids, incremental=not full)
-        if self.stop.is_set() and full:
-            return taken  # the next start finishes the full synchronisation
+        taken, complete = self._take_all(uidvalidity, uids, incremental=not full)
+        if not complete:
+            return taken  # stopped: the next start goes on from the server's flags and state
         changes: dict[str, Any] = {"last_success_at": utcnow()}
         if full:
             baseline = uidnext - 1 if uidnext else max(self.client.search(["ALL"]) or [0])
@@ -363,11 +362,29 @@ class ImapPoller:
         self._save_state(**changes)
         return taken
 
-    def _take_all(self, uidvalidity: int, uids: list[int], *, incremental: bool) -> int:
+    def _full_sync_criteria(self, state: FolderState) -> list[Any]:
+        """What a first (or, after a UIDVALIDITY change, a new) synchronisation takes.
+
+        The whole folder is the backlog, except in "seen" mode, where mail already read (by
+        people, before ticketgate) is left alone.  After a UIDVALIDITY change in "seen" mode,
+        mail delivered since the day before the last good pass is taken too, read or not, so
+        that a mail a person opened in the gap is not lost; what was ingested before comes
+        back as ``duplicate``.
+        """
+        if self.cfg.after != "seen":
+            return ["NOT", "DELETED"]
+        if state.uidvalidity is not None and state.last_success_at is not None:
+            since = (state.last_success_at - dt.timedelta(days=1)).date()
+            return ["OR", "UNSEEN", "SINCE", since, "NOT", "DELETED"]
+        return ["UNSEEN", "NOT", "DELETED"]
+
+    def _take_all(self, uidvalidity: int, uids: list[int], *, incremental: bool
+                  ) -> tuple[int, bool]:
+        """Take ``uids`` in batches; returns (spooled, complete) - not complete if stopped."""
         assert self.client is not None
         total, done, taken = len(uids), 0, 0
         if not total:
-            return 0
+            return 0, True
         started = last_report = time.monotonic()
         reported = 0
         log.info("%s: %d message(s) to fetch", self.name, total)
@@ -382,7 +399,7 @@ class ImapPoller:
                 self._reject_oversized(uidvalidity, uid, sizes[uid])
             for batch in plan_batches(wanted, sizes, self.cfg.batch_size, self.cfg.batch_bytes):
                 if self.stop.is_set():
-                    return taken
+                    return taken, False
                 new = self._take_batch(uidvalidity, batch)
                 taken += new
                 done += len(batch)
@@ -401,7 +418,7 @@ class ImapPoller:
                 self._save_state(last_uid=window[-1])
         log.info("%s: %d message(s) spooled in %.1fs", self.name, taken,
                  time.monotonic() - started)
-        return taken
+        return taken, True
 
     def _take_batch(self, uidvalidity: int, batch: list[int]) -> int:
         """Fetch, spool (one commit), enqueue, acknowledge: in this order, never another."""
@@ -526,7 +543,8 @@ class ImapPoller:
             row = self._state_row(session)
             if row is None:
                 return FolderState(None, 0, self.cfg.account)
-            return FolderState(row.uidvalidity, int(row.last_uid or 0), row.account)
+            return FolderState(row.uidvalidity, int(row.last_uid or 0), row.account,
+                               row.last_success_at)
 
     def _state_row(self, session: Any) -> ImapFolderState | None:
         return session.scalar(select(ImapFolderState).where(

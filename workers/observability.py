@@ -12,7 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine, func, select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from ingest.models import FINAL_STATES, InboundMail
 
@@ -35,7 +35,7 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 class InboundCollector(Collector):
     """``ticketgate_mails_*`` from one GROUP BY over the spool, at scrape time."""
 
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
+    def __init__(self, sessions: Callable[[], Session]) -> None:
         self.sessions = sessions
 
     def collect(self) -> Iterator[Metric]:
@@ -83,7 +83,7 @@ class ApiMetrics:
     requests: Counter
 
     @classmethod
-    def create(cls, sessions: sessionmaker[Session]) -> ApiMetrics:
+    def create(cls, sessions: Callable[[], Session]) -> ApiMetrics:
         registry = CollectorRegistry(auto_describe=True)
         registry.register(InboundCollector(sessions))
         return cls(

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from ingest.context import MailContext, Outcome
-from ingest.parse import parse_mail
+from ingest.parse import MailLimitExceeded, parse_mail
 
 
 def parse(ctx: MailContext) -> Outcome | None:
-    mail = parse_mail(ctx.raw)
+    try:
+        mail = parse_mail(ctx.raw)
+    except MailLimitExceeded as exc:  # hostile input: a clear, permanent answer
+        reason = f"over a parser limit: {exc}"
+        ctx.trace.add("parse", reason)
+        return Outcome("rejected", reason)
     ctx.parsed = mail
     name, address = mail.from_name, mail.from_address
     if ctx.settings.service.sender_address == "reply-to" and mail.reply_to:

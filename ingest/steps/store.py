@@ -73,7 +73,7 @@ def _new_ticket(ctx: MailContext, ref: Reference, now: dt.datetime) -> Ticket:
         from_address=ctx.sender_email[:320],
         tags=list(routing.tags),
         connect_id=ctx.follow_up_of,
-        description=mail.text[:4000],
+        description=_storable(ctx, mail.text[:4000]),
         origin="Mail",
         slevel="external",
         unverified=bool(ctx.unverified),
@@ -81,6 +81,13 @@ def _new_ticket(ctx: MailContext, ref: Reference, now: dt.datetime) -> Ticket:
     ctx.session.add(ticket)
     ctx.session.flush()
     return ticket
+
+
+def _storable(ctx: MailContext, text: str) -> str:
+    """PostgreSQL text cannot hold NUL (hostile or broken mail has it): U+FFFD there instead."""
+    if "\x00" in text and ctx.session.get_bind().dialect.name == "postgresql":
+        return text.replace("\x00", "\ufffd")
+    return text
 
 
 def _reopen_if_closed(ctx: MailContext, ticket: Ticket, ref: Reference) -> None:
@@ -135,8 +142,8 @@ def store_ticket(ctx: MailContext, ref: Reference) -> Outcome:
         to=[[n, a] for n, a in mail.to[:200]],
         cc=[[n, a] for n, a in mail.cc[:200]],
         headers=mail.header_block,
-        body_text=mail.text,
-        visible_text=mail.visible_text,
+        body_text=_storable(ctx, mail.text),
+        visible_text=_storable(ctx, mail.visible_text),
         body_html=mail.html,
         kind=ctx.classification.kind,
         author=(ctx.sender_name or ctx.sender_email)[:400],
