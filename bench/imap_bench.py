@@ -157,6 +157,19 @@ def counts(engine: Any) -> tuple[int, int]:
     return int(spooled), int(final)
 
 
+def outcome(engine: Any) -> tuple[dict[str, int], dict[str, int]]:
+    """Final states, and the quarantined mails' errors (first line, counted)."""
+    with engine.connect() as conn:
+        states = {state: int(n) for state, n in conn.execute(
+            select(InboundMail.state, func.count()).group_by(InboundMail.state)).all()}
+        errors: dict[str, int] = {}
+        for (error,) in conn.execute(select(InboundMail.error)
+                                     .where(InboundMail.state == "quarantined")):
+            key = (error or "").splitlines()[0][:200] if error else ""
+            errors[key] = errors.get(key, 0) + 1
+    return states, errors
+
+
 def wait_for(engine: Any, roles: list[Role], n: int, what: str, timeout: float) -> float:
     """Seconds until ``what`` ("spooled" or "final") reaches n; samples RSS on the way."""
     started = time.monotonic()
@@ -257,7 +270,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         server.stop()
         server.remove()
-        shutil.rmtree(base, ignore_errors=True)
+        if args.keep:
+            log(f"kept the runs' directories (config, logs, SQLite) under {base}")
+        else:
+            shutil.rmtree(base, ignore_errors=True)
     return result
 
 
@@ -281,13 +297,14 @@ def spool_then_process(workdir: Path, env: dict[str, str], engine: Any,
         process_s = wait_for(engine, [worker], args.n, "final", args.timeout)
     finally:
         worker.stop()
+    states, errors = outcome(engine)
     log(f"process: {args.n} results in {process_s:.1f}s ({args.n / process_s:.1f}/s), "
-        f"worker peak RSS {worker.rss / 2**20:.0f} MiB")
+        f"worker peak RSS {worker.rss / 2**20:.0f} MiB; states {states}")
     return {"spool_seconds": spooled_s, "spool_per_s": args.n / spooled_s,
             "poller_seconds": poller_s, "poller_per_s": args.n / poller_s,
             "imap_peak_rss": imap.rss, "imap_exit": imap_code,
             "process_seconds": process_s, "process_per_s": args.n / process_s,
-            "worker_peak_rss": worker.rss}
+            "worker_peak_rss": worker.rss, "states": states, "errors": errors}
 
 
 def together(workdir: Path, env: dict[str, str], engine: Any, args: argparse.Namespace,
@@ -300,14 +317,12 @@ def together(workdir: Path, env: dict[str, str], engine: Any, args: argparse.Nam
     finally:
         imap_code = imap.stop()
         worker.stop()
-    with engine.connect() as conn:
-        states = dict(conn.execute(select(InboundMail.state, func.count())
-                                   .group_by(InboundMail.state)).all())
+    states, errors = outcome(engine)
     log(f"together: all {args.n} in a final state after {final_s:.1f}s "
         f"({args.n / final_s:.1f}/s; spooled after {spooled_s:.1f}s); states {states}; "
         f"peak RSS imap {imap.rss / 2**20:.0f} MiB, worker {worker.rss / 2**20:.0f} MiB")
     return {"spooled_seconds": spooled_s, "final_seconds": final_s,
-            "end_to_end_per_s": args.n / final_s, "states": states,
+            "end_to_end_per_s": args.n / final_s, "states": states, "errors": errors,
             "imap_peak_rss": imap.rss, "imap_exit": imap_code, "worker_peak_rss": worker.rss}
 
 
@@ -330,7 +345,8 @@ def summary(result: dict[str, Any]) -> str:
         f"({both['final_seconds']:.1f} s) |",
         f"| peak RSS `ticketgate imap` | {imap_rss:.0f} MiB |",
         f"| peak RSS `ticketgate worker` (largest process) | {worker_rss:.0f} MiB |",
-        f"| final states | {both['states']} |",
+        f"| final states (both running) | {both['states']} |",
+        f"| final states (worker alone) | {spool['states']} |",
     ])
 
 
@@ -343,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="embedded: kombu's SQLite transport (polls once a second)")
     parser.add_argument("--concurrency", type=int, default=2, help="worker processes")
     parser.add_argument("--timeout", type=float, default=3600.0)
+    parser.add_argument("--keep", action="store_true", help="keep logs and databases")
     args = parser.parse_args(argv)
     result = run(args)
     RESULTS.mkdir(parents=True, exist_ok=True)

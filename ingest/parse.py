@@ -18,6 +18,7 @@ import codecs
 import datetime as dt
 import email.header
 import hashlib
+import logging
 import mimetypes
 import re
 from dataclasses import dataclass, field
@@ -31,6 +32,10 @@ from inscriptis import get_text
 
 from ingest import tnef
 from ingest.errors import ParseError
+
+# mail-parser warns once per MIME part it leaves to us (delivery reports, returned headers):
+# every bounce would log a warning about nothing that is wrong.
+logging.getLogger("mailparser").setLevel(logging.ERROR)
 
 _ADDRESS_RE = re.compile(r"[^@\s<>\"',;]+@[^@\s<>\"',;]+")
 _MSGID_RE = re.compile(r"<([^<>\s]+)>")
@@ -377,14 +382,43 @@ def _fallback_name(part: EmailMessage, index: int, content_id: str | None) -> st
     return f"attachment-{index}{ext}"
 
 
+def _lenient_bytes(message: EmailMessage) -> bytes:
+    """An attached mail as bytes when the stdlib generator refuses it (it re-encodes text parts
+    and raises on a charset such as ``binary`` or on text the charset cannot hold): the header
+    fields as parsed and each leaf's payload as it was, boundaries rebuilt, no recursion."""
+    out: list[bytes] = []
+    stack: list[tuple[Any, bytes | None]] = [(message, None)]
+    while stack:
+        part, closing = stack.pop()
+        if part is None:
+            out.append(closing or b"")
+            continue
+        for name, value in part.items():
+            out.append(f"{name}: {value}\n".encode("utf-8", "surrogateescape"))
+        out.append(b"\n")
+        payload = part.get_payload()
+        if isinstance(payload, list):
+            boundary = (part.get_boundary() or "boundary").encode("utf-8", "surrogateescape")
+            stack.append((None, b"--" + boundary + b"--\n"))
+            for child in reversed([p for p in payload if isinstance(p, EmailMessage)]):
+                stack.append((child, None))
+                stack.append((None, b"--" + boundary + b"\n"))
+        else:
+            out.append(str(payload or "").encode("utf-8", "surrogateescape") + b"\n")
+    return b"".join(out)
+
+
 def _part_bytes(part: EmailMessage) -> bytes:
     if part.get_content_type() in _WHOLE_PARTS:
         inner = part.get_payload()
         if isinstance(inner, list) and inner:
             try:
                 return inner[0].as_bytes()
-            except Exception:
-                return inner[0].as_string().encode("utf-8", "surrogateescape")
+            except Exception:  # the generator re-encodes text parts: unknown or bad charsets
+                try:
+                    return _lenient_bytes(inner[0])
+                except Exception:
+                    return b""
     try:
         data = part.get_payload(decode=True)
     except (binascii.Error, ValueError):

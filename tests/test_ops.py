@@ -94,7 +94,8 @@ def _write(tmp_path: Path, text: str, name: str = "ticketgate.toml") -> Path:
 @pytest.fixture(autouse=True)
 def _no_ticketgate_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
-        if name.startswith("TICKETGATE_") and name != "TICKETGATE_REQUIRE_SERVICES":
+        if name.startswith("TICKETGATE_") and not name.startswith(("TICKETGATE_TEST_",
+                                                                   "TICKETGATE_REQUIRE_")):
             monkeypatch.delenv(name)
 
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import ipaddress
 import logging
 import re
 import secrets
 import signal
 import ssl
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -23,6 +25,7 @@ from email.utils import formatdate
 from typing import Any, ClassVar
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
+from sqlalchemy import Engine, event
 
 from ingest.config import Settings
 from ingest.errors import SpoolError
@@ -42,6 +45,11 @@ SHUTDOWN_DRAIN_SECONDS = 10.0
 # counts as UNDECLARED_SIZE.
 DATA_BUDGET_BYTES = 32 * 1024 * 1024
 UNDECLARED_SIZE = 256 * 1024
+# A spool write larger than this closes its database connection afterwards instead of pooling
+# it: libpq keeps its send buffer at the size of the largest message it sent, so each pooled
+# connection that had carried a 20 MB mail held 20 MB for good.
+LARGE_WRITE_BYTES = 1024 * 1024
+_large_write = threading.local()
 # While the spool backlog is under [smtp] backlog_limit, MAIL reads the exact count from the
 # database at most this often (see SpoolingHandler._backlog).
 BACKLOG_REFRESH_SECONDS = 1.0
@@ -452,7 +460,12 @@ class SpoolingHandler:
     def _spool_and_enqueue(self, raw: bytes, mailboxes: list[int], source: str,
                            envelope: SpoolEnvelope) -> list[int]:
         """Spool (committed), then hand the ids to the broker: one thread hop, not two."""
-        ids: list[int] = self.ingestor.receive_many(raw, mailboxes, "smtp", source, envelope)
+        _large_write.active = len(raw) > LARGE_WRITE_BYTES
+        try:
+            ids: list[int] = self.ingestor.receive_many(raw, mailboxes, "smtp", source,
+                                                        envelope)
+        finally:
+            _large_write.active = False
         self.enqueue(ids)
         return ids
 
@@ -601,6 +614,25 @@ def data_size_limit(settings: Settings) -> int:
     return max(1, settings.service.max_message_bytes - reserve)
 
 
+def _close_after_large_write(dbapi_connection: Any, record: Any) -> None:
+    """Pool ``checkin`` hook: a connection that just stored a large mail (in this thread) is
+    closed rather than kept with its grown buffers; the pool opens a new one when needed."""
+    if getattr(_large_write, "active", False) and record is not None:
+        record.invalidate()
+
+
+def _limit_memory(engine: Engine) -> None:
+    """Keep memory that large mails used from staying with the listener after they are stored.
+
+    Besides closing the connections that carried them, glibc's malloc must not move its mmap
+    threshold up: after a 20 MB block is freed it would serve the next ones from the heap, and
+    heap memory stays with the process.  (No-op where that is not glibc.)"""
+    if not event.contains(engine, "checkin", _close_after_large_write):
+        event.listen(engine, "checkin", _close_after_large_write)
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1024 * 1024)  # M_MMAP_THRESHOLD: fixed, 1 MiB
+
+
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
     cert, key = settings.smtp.tls_cert, settings.smtp.tls_key
     if not cert or not key:
@@ -621,6 +653,7 @@ async def serve_smtp(ingestor: Ingestor, enqueue: Any, *, host: str | None = Non
     TicketgateSMTP.greeting_delay = settings.smtp.greeting_delay
     TicketgateSMTP.max_bad_recipients = settings.smtp.max_bad_recipients
     budget = DataBudget(DATA_BUDGET_BYTES)
+    _limit_memory(ingestor.engine)
 
     def factory() -> SMTP:
         session = TicketgateSMTP(
