@@ -163,6 +163,18 @@ def phase_memory(record: dict[str, Any]) -> Iterator[None]:
         record["peak_rss_scope"] = "phase" if resettable else "process (not resettable)"
 
 
+def wait_for_quiet(max_load: float | None, max_wait: float, record: dict[str, Any]) -> None:
+    """On a shared machine: wait (up to ``max_wait`` s) until the 1-minute load average is
+    below ``max_load`` before a timed phase, and record what was waited and found."""
+    if max_load is None:
+        return
+    start = time.monotonic()
+    while os.getloadavg()[0] >= max_load and time.monotonic() - start < max_wait:
+        time.sleep(5)
+    record["waited_for_load_s"] = round(time.monotonic() - start, 1)
+    record["load_at_start"] = os.getloadavg()[0]
+
+
 # --------------------------------------------------------------------------------------------
 # Databases
 # --------------------------------------------------------------------------------------------
@@ -818,6 +830,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interleave", type=int, default=100,
                         help="bare-parse every K mails again right after the pipeline has "
                         "processed them, for a ratio under matched load (0: off; default 100)")
+    parser.add_argument("--max-load", type=float, default=None,
+                        help="before each timed phase wait until the 1-minute load average is "
+                        "below this (shared machines); off by default")
+    parser.add_argument("--max-wait", type=float, default=900,
+                        help="longest wait for --max-load, seconds (default 900)")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the instrumented passes")
     parser.add_argument("--profile", default="sqlite,postgresql",
                         help="databases to profile the generated set on ('' for none)")
@@ -864,6 +881,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "sha256": data.sha256(), "info": data.info, "pipeline": {}}
             results["datasets"][data.name] = entry
             bare: dict[str, Any] = {}
+            wait_for_quiet(args.max_load, args.max_wait, bare)
             with phase_memory(bare):
                 bare.update(bare_parse(data.mails))
             entry["bare"] = bare
@@ -873,6 +891,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs = []
                 for _ in range(max(1, args.passes)):
                     one: dict[str, Any] = {}
+                    wait_for_quiet(args.max_load, args.max_wait, one)
                     with fresh(db) as url, phase_memory(one):
                         ingestor = make_ingestor(url)
                         try:
@@ -891,13 +910,17 @@ def main(argv: list[str] | None = None) -> int:
                       + (f" (interleaved {matched:.1%})" if matched is not None else "")
                       + f", load {run['loadavg_1m'][0]:.1f}, {run['actions']}", flush=True)
                 if not args.no_breakdown:
+                    quiet: dict[str, Any] = {}
+                    wait_for_quiet(args.max_load, args.max_wait, quiet)
                     with fresh(db) as url:
-                        run["instrumented"] = instrumented_pass(url, data.mails)
+                        run["instrumented"] = instrumented_pass(url, data.mails) | quiet
                     print(f"{data.name}/{db}: instrumented pass "
                           f"{run['instrumented']['rate']:.1f} mails/s", flush=True)
                 if data.name == "generated" and db in profiled:
+                    quiet = {}
+                    wait_for_quiet(args.max_load, args.max_wait, quiet)
                     with fresh(db) as url:
-                        run["profiled"] = profile_pass(url, data.mails)
+                        run["profiled"] = profile_pass(url, data.mails) | quiet
                     print(f"{data.name}/{db}: profiled pass {run['profiled']['rate']:.1f} mails/s",
                           flush=True)
     finally:

@@ -139,18 +139,19 @@ class Proc:
     """A subprocess whose output goes to a log file; ready when a pattern appears in it."""
 
     def __init__(self, name: str, argv: list[str], log_path: Path, ready: str,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
         self.name = name
         self.argv = argv
         self.log_path = log_path
         self.ready = re.compile(ready)
         self.env = env
+        self.cwd = cwd or CODE_DIR["path"]
         self.popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Proc:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         out = self.log_path.open("ab")
-        self.popen = subprocess.Popen(self.argv, cwd=CODE_DIR["path"], env=self.env, stdout=out,
+        self.popen = subprocess.Popen(self.argv, cwd=self.cwd, env=self.env, stdout=out,
                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                       start_new_session=True)
         out.close()
@@ -309,7 +310,8 @@ class System:
 
 class Ticketgate(System):
     def __init__(self, services: Services, workdir: Path, database: str, concurrency: int,
-                 pool: str = "prefork", worker: bool = True) -> None:
+                 pool: str = "prefork", worker: bool = True, code_dir: Path | None = None
+                 ) -> None:
         self.name = "ticketgate" if worker else "ticketgate-listener-only"
         self.port = free_port()
         url = services.new_database(database)
@@ -329,13 +331,13 @@ class Ticketgate(System):
         # The listener first: it migrates the fresh database before the worker connects.
         self.procs["listener"] = Proc(
             "listener", [*cli, "smtp", "--config", str(config), "--port", str(self.port)],
-            logs / f"{database}-smtp.log", r"ticketgate smtp listening", env).start()
+            logs / f"{database}-smtp.log", r"ticketgate smtp listening", env, code_dir).start()
         if not worker:
             return
         self.procs["worker"] = Proc(
             "worker", [*cli, "worker", "--config", str(config), "--concurrency",
                        str(concurrency), "--pool", pool],
-            logs / f"{database}-worker.log", r"ready\.", env).start()
+            logs / f"{database}-worker.log", r"ready\.", env, code_dir).start()
 
 
 # All clients of the benchmark share 127.0.0.1, where a real MX sees many addresses: the
@@ -543,15 +545,22 @@ def ms(value: float | None) -> float | None:
 
 def processed_times(conninfo: str) -> dict[int, tuple[str, float | None, float]]:
     """inbound id -> (state, processed_at, received_at) as epoch seconds."""
+    return {k: (v["state"], v["processed"], v["received"]) for k, v in records(conninfo).items()}
+
+
+def records(conninfo: str) -> dict[int, dict[str, Any]]:
+    """inbound id -> state, times (epoch seconds), attempts and trace steps of every record."""
     with psycopg.connect(conninfo, autocommit=True) as conn:
-        rows = conn.execute(
-            "SELECT id, state, processed_at, received_at FROM inbound_mails").fetchall()
-    out = {}
-    for inbound_id, state, processed, received in rows:
-        def epoch(value: dt.datetime | None) -> float | None:
-            return None if value is None else value.replace(tzinfo=dt.UTC).timestamp()
-        out[inbound_id] = (state, epoch(processed), epoch(received) or 0.0)
-    return out
+        rows = conn.execute("SELECT id, state, processed_at, received_at, attempts, trace"
+                            " FROM inbound_mails").fetchall()
+
+    def epoch(value: dt.datetime | None) -> float | None:
+        return None if value is None else value.replace(tzinfo=dt.UTC).timestamp()
+
+    return {inbound_id: {"state": state, "processed": epoch(processed),
+                         "received": epoch(received) or 0.0, "attempts": attempts,
+                         "trace": trace}
+            for inbound_id, state, processed, received, attempts, trace in rows}
 
 
 def pg_counters(conninfo: str) -> dict[str, float]:
@@ -595,8 +604,8 @@ def timeline(sent: list[Sent], done: dict[int, float], samples: list[dict[str, A
 
 
 def summarize(system: System, sent: list[Sent], samples: list[dict[str, Any]],
-              cpu: dict[str, float], hwm: dict[str, int], extra: dict[str, Any]
-              ) -> dict[str, Any]:
+              cpu: dict[str, float], hwm: dict[str, int], extra: dict[str, Any],
+              kinds: dict[int, str] | None = None) -> dict[str, Any]:
     ok = [s for s in sent if s.code == 250]
     if not ok:
         raise RuntimeError(f"{system.name}: no mail accepted")
@@ -634,6 +643,19 @@ def summarize(system: System, sent: list[Sent], samples: list[dict[str, Any]],
                     done[inbound_id] = processed
                     latencies.append(processed - s.t_reply)
         t_done = max(done.values(), default=t_last)
+        slow = sorted(((processed - s.t_reply, s, inbound_id) for s in ok
+                       for inbound_id in s.inbound
+                       if (processed := done.get(inbound_id)) is not None),
+                      key=lambda x: x[0], reverse=True)[:15]
+        details = records(system.db_conninfo) if slow else {}
+        result["slowest"] = [
+            {"latency_ms": ms(lat), "index": s.index, "inbound": inbound_id,
+             "kind": kinds.get(s.index, "?") if kinds else "?",
+             "state": details[inbound_id]["state"], "attempts": details[inbound_id]["attempts"],
+             "steps": [f"{t.get('step')}:{t.get('ms')}:{str(t.get('note', ''))[:60]}"
+                       for t in (details[inbound_id]["trace"] or [])][:12]}
+            for lat, s, inbound_id in slow]
+        result["attempts"] = dict(Counter(d["attempts"] for d in details.values()))
         in_window = sum(1 for t in done.values() if t <= t_last)
         backlogs = [s["backlog"] for s in samples if "backlog" in s and t0 <= s["t"] <= t_last]
         result.update({
@@ -717,7 +739,8 @@ def run_stream(system: System, services: Services, mails: list[Mail], clients: i
         extra["postgres"] = {k: after[k] - pg_before[k] for k in after}
     if files:
         extra["profile_files"] = {k: str(v) for k, v in files.items()}
-    result = summarize(system, sent, samples, cpu, hwm, extra)
+    result = summarize(system, sent, samples, cpu, hwm, extra,
+                       {i: m.kind for i, m in enumerate(mails)})
     log(f"{label}: accepted {result['accepted_per_s']}/s"
         + (f", committed {result['committed_per_s_while_sending']}/s while sending, "
            f"p50/p99 250->commit {result['latency_250_to_committed_ms']['p50']}/"
@@ -930,6 +953,129 @@ def _short(frame: str) -> str:
     return f"{name} ({where})"
 
 
+# --- per-stage costs, in-process ------------------------------------------------------------------
+
+
+class StageClock:
+    """Thread CPU time and wall time per stage, nested stages subtracted from their parent."""
+
+    def __init__(self) -> None:
+        self.cpu: Counter[str] = Counter()
+        self.wall: Counter[str] = Counter()
+        self.calls: Counter[str] = Counter()
+        self._stack: list[list[float]] = []  # [cpu_start, wall_start, child_cpu, child_wall]
+        self._names: list[str] = []
+
+    def wrap(self, name: str, func: Callable[..., Any]) -> Callable[..., Any]:
+        """A timed ``func``.  A name starting with "/" is recorded under the enclosing stage
+        (e.g. "/ COMMIT" inside "spool: INSERT + COMMIT")."""
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            label = name
+            if name.startswith("/") and self._stack:
+                label = f"{self._names[-1]} {name}"
+            frame = [time.thread_time(), time.perf_counter(), 0.0, 0.0]
+            self._stack.append(frame)
+            self._names.append(label)
+            try:
+                return func(*args, **kwargs)
+            finally:
+                self._stack.pop()
+                self._names.pop()
+                cpu = time.thread_time() - frame[0]
+                wall = time.perf_counter() - frame[1]
+                self.cpu[label] += cpu - frame[2]
+                self.wall[label] += wall - frame[3]
+                self.calls[label] += 1
+                if self._stack:
+                    self._stack[-1][2] += cpu
+                    self._stack[-1][3] += wall
+
+        timed.__name__ = getattr(func, "__name__", name)
+        return timed
+
+    def table(self, mails: int) -> dict[str, dict[str, float]]:
+        return {name: {"cpu_ms": round(self.cpu[name] * 1000 / mails, 3),
+                       "wall_ms": round(self.wall[name] * 1000 / mails, 3),
+                       "calls_per_mail": round(self.calls[name] / mails, 2)}
+                for name, _ in self.wall.most_common()}
+
+
+WARMUP_MAILS = 30
+
+
+def run_stages(services: Services, workdir: Path, mails: list[Mail]) -> dict[str, Any]:
+    """Spool, publish and process ``mails`` one by one in this process, timing each stage in
+    thread CPU time (not inflated by other processes' load) and wall time (which is)."""
+    url = services.new_database("tg_stages")
+    config = workdir / "stages.toml"
+    config.write_text(bench_config(), encoding="utf-8")
+    os.environ.update(TICKETGATE_CONFIG=str(config), TICKETGATE_DATABASE_URL=url,
+                      TICKETGATE_BROKER_URL=services.redis.url)
+    from sqlalchemy.orm import Session
+
+    from ingest import pipeline, spool
+    from ingest.service import Ingestor
+    from workers import celery_app, runtime
+
+    ingestor = runtime.ingestor()
+    assert isinstance(ingestor, Ingestor)
+    warm, mails = mails[:WARMUP_MAILS], mails[WARMUP_MAILS:]
+    for mail in warm:  # first calls: imports, connections, statement caches
+        ingestor.backlog()
+        celery_app.enqueue(ingestor.receive_many(mail.raw, [1], "smtp", "bench", None))
+    for inbound_id in range(1, len(warm) + 1):
+        with suppress(Exception):
+            ingestor.process(inbound_id)
+    clock = StageClock()
+    originals: list[tuple[Any, str, Any]] = []
+
+    def patch(owner: Any, attribute: str, name: str) -> None:
+        original = getattr(owner, attribute)
+        originals.append((owner, attribute, original))
+        setattr(owner, attribute, clock.wrap(name, original))
+
+    # spool side (what the listener does besides SMTP itself)
+    patch(spool, "new_inbound", "spool: build record (sha256, Message-ID)")
+    patch(ingestor, "receive_many", "spool: INSERT + COMMIT")
+    patch(ingestor, "backlog", "listener: backlog COUNT")
+    # worker side
+    originals.append((pipeline, "STEPS", pipeline.STEPS))
+    pipeline.STEPS = tuple(clock.wrap(f"step: {getattr(step, '__name__', step)}", step)
+                           for step in pipeline.STEPS)
+    for attribute in ("store_ticket", "visible_reply", "record_outcome", "_start_attempt",
+                      "quarantine"):
+        if hasattr(pipeline, attribute):
+            patch(pipeline, attribute, f"step: {attribute}")
+    patch(Session, "commit", "/ flush + COMMIT")
+    patch(ingestor, "process", "worker: process() (row lock, flush, result)")
+    try:
+        ids: list[int] = []
+        publish = clock.wrap("listener: Celery publish (apply_async)", celery_app.enqueue)
+        for mail in mails:
+            ingestor.backlog()
+            new_ids = ingestor.receive_many(mail.raw, [1], "smtp", "bench", None)
+            publish(new_ids)
+            ids.extend(new_ids)
+        for inbound_id in ids:
+            try:
+                ingestor.process(inbound_id)
+            except Exception as exc:  # ParentPending cannot happen in order; report others
+                log(f"stages: inbound {inbound_id}: {exc!r}")
+    finally:
+        for owner, attribute, original in reversed(originals):
+            setattr(owner, attribute, original)
+        services.flush_redis()  # the published tasks are not for anyone
+    table = clock.table(len(mails))
+    listener = sum(v["cpu_ms"] for k, v in table.items() if k.startswith(("spool", "listener")))
+    worker = sum(v["cpu_ms"] for k, v in table.items()
+                 if not k.startswith(("spool", "listener")))
+
+    log(f"stages: listener-side {listener:.2f} ms CPU/mail, worker-side {worker:.2f} ms CPU/mail")
+    return {"mails": len(mails), "stages": table,
+            "listener_side_cpu_ms": round(listener, 2), "worker_side_cpu_ms": round(worker, 2)}
+
+
 # --- markdown -----------------------------------------------------------------------------------
 
 
@@ -958,6 +1104,17 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"\n{key}: {r['accepted']}/{r['mails']} accepted in "
                      f"{r['all_accepted_after_s']} s, listener peak RSS "
                      f"{r['peak_rss_mb'].get('listener')} MB")
+    accept = report.get("accept", {})
+    if accept.get("rounds"):
+        lines += ["", "| round | bare-fsync accepted/s | listener alone accepted/s | ratio |"
+                  + (" listener (compare tree) | ratio |" if accept.get("compare_code_dir")
+                     else ""),
+                  "|---|---|---|---|" + ("---|---|" if accept.get("compare_code_dir") else "")]
+        for i, r in enumerate(accept["rounds"]):
+            extra = (f" {r['listener-compare']['accepted_per_s']} | {r['ratio_compare']} |"
+                     if "listener-compare" in r else "")
+            lines.append(f"| {i} | {r['bare-fsync']['accepted_per_s']} | "
+                         f"{r['listener']['accepted_per_s']} | {r['ratio']} |{extra}")
     targets = report.get("targets", {})
     if targets:
         lines += ["", "| target | value | met |", "|---|---|---|"]
@@ -974,6 +1131,13 @@ def targets(report: dict[str, Any]) -> dict[str, Any]:
         ratio = ours["accepted_per_s"] / fsync["accepted_per_s"]
         out["accepted rate >= 60% of fsync'd bare"] = {"value": f"{100 * ratio:.0f}%",
                                                         "met": ratio >= 0.6}
+    accept = report.get("accept", {})
+    if accept.get("median_ratio"):
+        out["(listener alone, paired rounds) accepted rate >= 60% of fsync'd bare"] = {
+            "value": f"median {100 * accept['median_ratio']:.0f}% of "
+                     f"{len(accept['rounds'])} rounds "
+                     f"({', '.join(str(round(100 * r['ratio'])) + '%' for r in accept['rounds'])})",
+            "met": accept["median_ratio"] >= 0.6}
     alone = runs.get("peak_ticketgate-listener-only")
     if alone and fsync:
         ratio = alone["accepted_per_s"] / fsync["accepted_per_s"]
@@ -1013,15 +1177,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--concurrency", type=int, default=2, help="worker processes")
     parser.add_argument("--pool", default="prefork")
-    parser.add_argument("--phases", default="peak,half,sustain,profile,big",
-                        help="comma list of: peak, half, sustain, profile, big")
+    parser.add_argument("--phases", default="peak,accept,half,sustain,stages,profile,big",
+                        help="comma list of: peak, accept, half, sustain, stages, profile, big")
     parser.add_argument("--systems",
                         default="bare-list,bare-fsync,ticketgate-listener-only,ticketgate")
     parser.add_argument("--half-rate", type=float, help="mails/s for 'half' (default: half of "
                         "ticketgate's peak accepted rate, measured in 'peak')")
+    parser.add_argument("--accept-rounds", type=int, default=3)
+    parser.add_argument("--accept-n", type=int, default=1000)
+    parser.add_argument("--compare-code-dir", type=Path,
+                        help="'accept' also runs the listener from this tree (before/after)")
     parser.add_argument("--sustain-rate", type=float, help="mails/s for 'sustain' (default: "
                         "80%% of the committed/s measured in 'peak')")
     parser.add_argument("--sustain-n", type=int, default=800)
+    parser.add_argument("--stages-n", type=int, default=500)
     parser.add_argument("--big-count", type=int, default=50)
     parser.add_argument("--big-mb", type=float, default=20.0)
     parser.add_argument("--tag", default=time.strftime("%Y%m%d-%H%M%S"))
@@ -1041,7 +1210,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _interrupt)
     RESULTS.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="smtp-bench-"))
-    stream_phases = phases & {"peak", "half", "sustain", "profile"}
+    stream_phases = phases & {"peak", "accept", "half", "sustain", "stages", "profile"}
     log(f"work dir {workdir}" + (f"; generating {args.n} mails" if stream_phases else ""))
     mails = load_mails(args.n) if stream_phases else []
     report: dict[str, Any] = {
@@ -1099,6 +1268,46 @@ def main(argv: list[str] | None = None) -> int:
                     / max(0.01, base["cpu_ms_per_mail"]["listener"]), 2)
                 ratios[f"{ours_name} listener RSS vs {bare}"] = round(
                     ours["peak_rss_mb"]["listener"] / base["peak_rss_mb"]["listener"], 2)
+        if "accept" in phases:
+            # Acceptance alone, bare fsync'd handler and listener (no worker) back to back, a
+            # few times: on a shared machine only runs close in time compare.
+            rounds: list[dict[str, Any]] = []
+            accept_mails = mails[: args.accept_n]
+            for round_no in range(args.accept_rounds):
+                entry: dict[str, Any] = {}
+                contenders: list[tuple[str, Callable[[], System]]] = [
+                    ("bare-fsync", lambda r=round_no: Bare("fsync", workdir, f"acc{r}")),
+                    ("listener", lambda r=round_no: Ticketgate(
+                        services, workdir, f"acc{r}", args.concurrency, worker=False))]
+                if args.compare_code_dir:
+                    contenders.append(("listener-compare", lambda r=round_no: Ticketgate(
+                        services, workdir, f"accc{r}", args.concurrency, worker=False,
+                        code_dir=args.compare_code_dir.resolve())))
+                for key, build in contenders:
+                    system = build()
+                    run = run_stream(system, services, accept_mails, args.clients, None,
+                                     f"accept{round_no}_{key}")
+                    system.stop()
+                    system = None
+                    entry[key] = {k: run[k] for k in (
+                        "accepted_per_s", "smtp_data_to_250_ms", "cpu_ms_per_mail",
+                        "peak_rss_mb", "machine_before", "postgres") if k in run}
+                entry["ratio"] = round(entry["listener"]["accepted_per_s"]
+                                       / entry["bare-fsync"]["accepted_per_s"], 3)
+                if "listener-compare" in entry:
+                    entry["ratio_compare"] = round(
+                        entry["listener-compare"]["accepted_per_s"]
+                        / entry["bare-fsync"]["accepted_per_s"], 3)
+                rounds.append(entry)
+                report["accept"] = {"rounds": rounds, "mails": len(accept_mails),
+                                    "compare_code_dir": str(args.compare_code_dir or "")}
+                save()
+            ratios = sorted(r["ratio"] for r in rounds)
+            report["accept"]["median_ratio"] = ratios[len(ratios) // 2]
+            if args.compare_code_dir:
+                compare = sorted(r["ratio_compare"] for r in rounds)
+                report["accept"]["median_ratio_compare"] = compare[len(compare) // 2]
+            save()
         if "half" in phases:
             rate = args.half_rate or (
                 report["runs"]["peak_ticketgate"]["accepted_per_s"] / 2
@@ -1126,6 +1335,9 @@ def main(argv: list[str] | None = None) -> int:
                 args.clients, rate, "sustain_ticketgate")
             system.stop()
             system = None
+            save()
+        if "stages" in phases:
+            report["stages"] = run_stages(services, workdir, mails[: args.stages_n])
             save()
         if "profile" in phases:
             system = tg("tg_profile")
