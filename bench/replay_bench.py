@@ -152,14 +152,27 @@ def _peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
 
 
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as fh:
+            return round(int(fh.read().split()[1]) * resource.getpagesize() / 2**20, 1)
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 @contextmanager
 def phase_memory(record: dict[str, Any]) -> Iterator[None]:
+    """Peak RSS of the phase (``ru_maxrss`` after resetting the high-water mark), and the RSS
+    it started from: the process holds every mail of both data sets, so the growth is the
+    phase's own."""
     gc.collect()
     resettable = _reset_peak_rss()
+    record["rss_start_mb"] = _rss_mb()
     try:
         yield
     finally:
         record["peak_rss_mb"] = _peak_rss_mb()
+        record["peak_rss_growth_mb"] = round(record["peak_rss_mb"] - record["rss_start_mb"], 1)
         record["peak_rss_scope"] = "phase" if resettable else "process (not resettable)"
 
 
@@ -734,7 +747,7 @@ def print_table(results: dict[str, Any]) -> None:
           "(matched load); cpu = process CPU time")
     print(f"{'data set':<10} {'database':<11} {'mails':>6} {'bare/s':>8} {'pipeline/s':>10} "
           f"{'ratio':>7} {'≥40%':>5} {'interl.':>8} {'cpu':>7} {'p50 ms':>7} {'p99 ms':>7} "
-          f"{'RSS MB':>7}")
+          f"{'RSS MB (+phase)':>16}")
     for name, data in results["datasets"].items():
         bare = data["bare"]
         for db, run in data["pipeline"].items():
@@ -745,10 +758,13 @@ def print_table(results: dict[str, Any]) -> None:
             print(f"{name:<10} {db:<11} {data['mails']:>6} {bare['rate']:>8.1f} "
                   f"{run['rate']:>10.1f} {run['ratio']:>7.1%} {ok:>5} {shown} "
                   f"{run['cpu_ratio']:>7.1%} {latency['p50_ms']:>7.2f} {latency['p99_ms']:>7.2f} "
-                  f"{run['peak_rss_mb']:>7.1f}")
+                  f"{_rss(run):>16}")
         print(f"{name:<10} {'bare parse':<11} {data['mails']:>6} {bare['rate']:>8.1f} "
-              f"{'':>10} {'':>7} {'':>5} {'':>8} {'':>7} {'':>7} {'':>7} "
-              f"{bare['peak_rss_mb']:>7.1f}")
+              f"{'':>10} {'':>7} {'':>5} {'':>8} {'':>7} {'':>7} {'':>7} {_rss(bare):>16}")
+
+
+def _rss(record: dict[str, Any]) -> str:
+    return f"{record['peak_rss_mb']:.0f} (+{record['peak_rss_growth_mb']:.0f})"
 
 
 def print_breakdown(results: dict[str, Any]) -> None:
@@ -776,6 +792,9 @@ def print_breakdown(results: dict[str, Any]) -> None:
         stmt_row += f"{b['statements_per_mail']:>14.2f}"
     for row in (total_row, bare_row, db_row, stmt_row):
         print(row)
+    for name, db, b in columns:
+        if b.get("not_instrumented"):
+            print(f"  ({name}/{db}: not found, so not timed: {', '.join(b['not_instrumented'])})")
     print("\nInside parse and the steps (ms per mail):")
     keys = ["process.parse.email", "process.parse.mailparser",
             "process.parse.mailparser.decode_text",

@@ -9,9 +9,17 @@ Redis from ``tests/services.py`` on free ports; never the machine's own 5432/637
   results committed/s (``inbound_mails.processed_at``, set in the ticket's own transaction),
   the backlog (``state = 'received'``) sampled during the run, 250->committed latency, peak RSS
   and CPU seconds per component;
+* ``accept``: bare fsync'd handler and the listener alone (no worker) back to back, a few
+  rounds (``--compare-code-dir`` adds the listener of another tree: before/after a change);
 * ``half``: the same stream paced at half of ticketgate's peak accepted rate (p99 target);
+* ``sustain``: paced below the rate the workers committed at peak (latency when not saturated);
+* ``stages``: spool, publish and process in this process, per-stage thread CPU time (robust
+  against other load on the machine);
 * ``profile``: the peak run again under ``py-spy record`` (listener and worker processes);
 * ``big``: M concurrent mails of S MB each, listener RSS high-water mark (VmHWM).
+
+The machine is shared, so each run first waits (``--quiet-wait``) for the CPUs to be mostly
+idle and records how busy they were, and CPU seconds per component are reported beside rates.
 
     python bench/smtp_bench.py                        # everything, results in bench/results/
     python bench/smtp_bench.py --phases peak --n 500  # a quick look
@@ -633,12 +641,12 @@ def summarize(system: System, sent: list[Sent], samples: list[dict[str, Any]],
         **extra,
     }
     if system.db_conninfo:
-        records = processed_times(system.db_conninfo)
+        times = processed_times(system.db_conninfo)
         done: dict[int, float] = {}
         latencies = []
         for s in ok:
             for inbound_id in s.inbound:
-                _state, processed, _received = records.get(inbound_id, ("missing", None, 0.0))
+                _state, processed, _received = times.get(inbound_id, ("missing", None, 0.0))
                 if processed is not None:
                     done[inbound_id] = processed
                     latencies.append(processed - s.t_reply)
@@ -659,7 +667,7 @@ def summarize(system: System, sent: list[Sent], samples: list[dict[str, Any]],
         in_window = sum(1 for t in done.values() if t <= t_last)
         backlogs = [s["backlog"] for s in samples if "backlog" in s and t0 <= s["t"] <= t_last]
         result.update({
-            "states": dict(Counter(state for state, _p, _r in records.values())),
+            "states": dict(Counter(state for state, _p, _r in times.values())),
             "committed": len(done),
             "committed_per_s_overall": round(len(done) / (t_done - t0), 1),
             "committed_per_s_while_sending": round(in_window / window, 1),

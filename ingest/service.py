@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from sqlalchemy import Engine, func, or_, select, update
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from ingest import pipeline, schema, spool
@@ -57,9 +57,23 @@ class Ingestor:
         self.sessions = make_session_factory(self.engine)
         if upgrade_schema:
             schema.upgrade(self.engine)
-        with self.sessions() as session:
-            self.reference: Reference = sync_reference(session, settings)
-            session.commit()
+        self.reference: Reference = self._sync_reference()
+
+    def _sync_reference(self, attempts: int = 3) -> Reference:
+        """Write the configured reference data.  Roles started at the same moment on a fresh
+        PostgreSQL database (separate containers) race to insert the same rows; the loser's
+        unique violation is answered by reading what the winner committed."""
+        for attempt in range(1, attempts + 1):
+            with self.sessions() as session:
+                try:
+                    reference = sync_reference(session, self.settings)
+                    session.commit()
+                    return reference
+                except IntegrityError:
+                    session.rollback()
+                    if attempt == attempts:
+                        raise
+        raise AssertionError("unreachable")
 
     @contextmanager
     def session(self) -> Iterator[Session]:

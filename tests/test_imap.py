@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 from imapclient import IMAPClient
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from typer.testing import CliRunner
 
 from ingest.config import Settings, load_settings
@@ -698,6 +698,38 @@ def test_starttls_and_xoauth2_with_a_trusted_certificate(
     with running(poller):
         wait_until(lambda: count_inbound(ingestor, "created") == 1)
     assert re.search(rf"Login: user=<{user}>, method=XOAUTH2.*TLS", dovecot.log_text())
+
+
+def test_roles_starting_together_on_a_fresh_postgresql(fresh_postgres_url: str,
+                                                       tmp_path: Path) -> None:
+    """``ticketgate imap`` and ``worker`` (separate containers) starting at the same moment on
+    a just-migrated database both write the reference data; neither may die of the race."""
+    toml = "".join(f'[[associate]]\nname = "a{i}"\n[[person]]\nemail = "p{i}@x.example"\n'
+                   for i in range(200))
+    path = write_config(tmp_path, [{"id": 1, "name": "Support", "accept_any": True}],
+                        extra=toml + '[[category]]\nname = "General"\n')
+    settings = load_settings(path, database_url=fresh_postgres_url)
+    Ingestor(settings).close()  # `ticketgate db upgrade`, then wipe the reference rows
+    with Ingestor(settings, upgrade_schema=False).session() as session:
+        session.execute(text("DELETE FROM persons"))
+        session.execute(text("DELETE FROM associates"))
+        session.commit()
+    barrier = threading.Barrier(4)
+    errors: list[str] = []
+
+    def start() -> None:
+        barrier.wait()
+        try:
+            Ingestor(settings, upgrade_schema=False).close()
+        except Exception as exc:
+            errors.append(f"{type(exc).__name__}: {exc}"[:300])
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
 
 
 # --- the real processes ---------------------------------------------------------------------------
