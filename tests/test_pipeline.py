@@ -429,3 +429,18 @@ def test_sweep_hands_each_stuck_mail_off_once_per_age(ing: Ingestor) -> None:
     ing.process(stuck)
     later = ing.stuck_inbound_ids(0.0)
     assert stuck not in later and fresh in later  # processed mail is never swept
+
+
+def test_envelope_recipient_of_a_catch_all_mailbox_is_not_a_person(
+    make_ingestor: Callable[..., Ingestor],
+) -> None:
+    from ingest.spool import Envelope
+
+    ing = make_ingestor()  # the demo set-up: mailbox 1 accepts any recipient
+    inbound_id = ing.receive(mail(to="help@anything.example", Cc="peter@techcorp.com"), 1,
+                             door="smtp", envelope=Envelope(rcpt_to=["help@anything.example"]))
+    info = ing.process(inbound_id)
+    with ing.session() as s:
+        ticket = s.get(Ticket, info.TicketId)
+        assert ticket is not None
+        assert [p.email for p in ticket.secondary_persons] == ["peter@techcorp.com"]

@@ -37,6 +37,12 @@ def make_celery() -> Celery:
         transport_options["visibility_timeout"] = 300
     if broker.startswith("sqla+"):
         settings.service.data_dir.mkdir(parents=True, exist_ok=True)
+        # kombu's SQL transport polls an empty queue once a second, which caps the embedded
+        # default at about one mail per second per worker process.  Its transport options go to
+        # create_engine(), so the interval can only be set on the transport class.
+        from kombu.transport import sqlalchemy as kombu_sqla
+
+        kombu_sqla.Transport.polling_interval = 0.1
     app.conf.update(
         task_serializer="json",
         result_serializer="json",

@@ -102,7 +102,9 @@ def identify_sender(ctx: MailContext) -> Outcome | None:
 
 def _secondary_persons(ctx: MailContext, sender: str, create: bool) -> list[Person]:
     own = ctx.settings.own_addresses
-    seen = {sender, *own}
+    # The envelope recipients are our own addresses too, even for a catch-all mailbox.
+    delivered_to = {normalize_address(a) for a in ctx.inbound.envelope_to or []}
+    seen = {sender, *own, *delivered_to}
     result: list[Person] = []
     for display, raw in ctx.mail.to + ctx.mail.cc:
         address = normalize_address(raw)
