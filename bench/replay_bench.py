@@ -172,7 +172,8 @@ def phase_memory(record: dict[str, Any]) -> Iterator[None]:
         yield
     finally:
         record["peak_rss_mb"] = _peak_rss_mb()
-        record["peak_rss_growth_mb"] = round(record["peak_rss_mb"] - record["rss_start_mb"], 1)
+        growth = max(0.0, record["peak_rss_mb"] - record["rss_start_mb"])
+        record["peak_rss_growth_mb"] = round(growth, 1)
         record["peak_rss_scope"] = "phase" if resettable else "process (not resettable)"
 
 
@@ -867,7 +868,7 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     logging.basicConfig(level=logging.WARNING, filename=RESULTS / f"{stamp}.log",
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True)
     if CONFIG.read_text(encoding="utf-8") != generate.render_config():
         print(f"warning: {CONFIG} differs from generate.render_config(); "
               "run python bench/generate.py --write-config", file=sys.stderr)
