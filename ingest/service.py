@@ -7,7 +7,7 @@ Doors (SMTP, IMAP, HTTP, replay, the Celery task) call :meth:`Ingestor.receive` 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -29,6 +29,8 @@ from ingest.models import InboundMail, utcnow
 from ingest.reference import Reference, sync_reference
 from ingest.spool import Envelope
 from ingest.ticketinfo import TicketInfo
+
+REPLAY_BATCH_SIZE = 64  # mails per commit in ingest_many: the SQLite write lock is held < 1 s
 
 
 class RecordedError(InvalidMail):
@@ -201,6 +203,34 @@ class Ingestor:
             info = self._record_refusal(inbound, str(exc))
             raise RecordedError(str(exc), info.InboundId or 0, info) from exc
         return pipeline.process_new(self, inbound)
+
+    def ingest_many(self, mails: Iterable[tuple[bytes, str]], mailbox_id: int,
+                    door: str = "replay", batch_size: int = REPLAY_BATCH_SIZE
+                    ) -> Iterator[tuple[str, TicketInfo | RecordedError]]:
+        """:meth:`ingest` for a stream of ``(raw, source)`` mails, committed ``batch_size`` at a
+        time (:func:`~ingest.pipeline.process_new_batch`).  Yields ``(source, result)`` in input
+        order once the mail's batch is committed; refused input as a :class:`RecordedError`."""
+        batch: list[tuple[str, InboundMail | RecordedError]] = []
+        for raw, source in mails:
+            inbound = spool.new_inbound(raw, mailbox_id, door, source)
+            try:
+                self.settings.mailbox_for(mailbox_id)
+                spool.check_rfc822(raw)
+                batch.append((source, inbound))
+            except (UnknownMailbox, InvalidMail) as exc:
+                info = self._record_refusal(inbound, str(exc))
+                batch.append((source, RecordedError(str(exc), info.InboundId or 0, info)))
+            if len(batch) >= batch_size:
+                yield from self._ingest_batch(batch)
+                batch = []
+        yield from self._ingest_batch(batch)
+
+    def _ingest_batch(self, batch: list[tuple[str, InboundMail | RecordedError]]
+                      ) -> Iterator[tuple[str, TicketInfo | RecordedError]]:
+        pending = [entry for _source, entry in batch if isinstance(entry, InboundMail)]
+        infos = iter(pipeline.process_new_batch(self, pending) if pending else [])
+        for source, entry in batch:
+            yield source, (next(infos) if isinstance(entry, InboundMail) else entry)
 
     def _record_refusal(self, inbound: InboundMail, reason: str) -> TicketInfo:
         with self.sessions() as session:

@@ -350,6 +350,54 @@ def test_failure_is_quarantined_and_replayable(
     assert ing.ingest(mail(), 1).Action == "duplicate"
 
 
+def test_ingest_many_commits_batches_and_keeps_order(ing: Ingestor) -> None:
+    """A batch behaves as the same mails ingested one by one: a reply finds the ticket its
+    parent opened earlier in the same batch, a second delivery inside the batch is a duplicate,
+    refused input is recorded, and results come back in input order."""
+    stream = [
+        (mail(message_id="b1@techcorp.com"), "one"),
+        (b"no headers at all", "garbage"),
+        (mail("Re: Printer broken", message_id="b2@techcorp.com",
+              In_Reply_To="<b1@techcorp.com>"), "reply"),
+        (mail(message_id="b1@techcorp.com"), "again"),
+        (mail("Scanner", message_id="b3@techcorp.com"), "two"),
+    ]
+    results = list(ing.ingest_many(stream, 1, batch_size=3))
+    assert [label for label, _ in results] == ["one", "garbage", "reply", "again", "two"]
+    first, garbage, reply, again, second = (r for _, r in results)
+    assert isinstance(garbage, RecordedError) and garbage.info.Action == "rejected"
+    assert not isinstance(first, RecordedError) and first.Action == "created"
+    assert not isinstance(reply, RecordedError)
+    assert reply.Action == "appended" and reply.TicketId == first.TicketId
+    assert reply.ThreadedBy == "in-reply-to"
+    assert not isinstance(again, RecordedError) and again.Action == "duplicate"
+    assert not isinstance(second, RecordedError) and second.Action == "created"
+    assert count(ing, Ticket) == 2 and count(ing, Message) == 3
+
+
+def test_ingest_many_quarantines_the_mail_at_fault_and_keeps_the_batch(
+    ing: Ingestor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ingest.steps.routing as routing
+
+    def broken_on_scanner(ctx: object) -> None:
+        if "Scanner" in ctx.mail.subject:  # type: ignore[attr-defined]
+            raise RuntimeError("routing exploded")
+        return routing.route(ctx)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("ingest.pipeline.STEPS", tuple(
+        broken_on_scanner if step is routing.route else step for step in __import__(
+            "ingest.pipeline", fromlist=["STEPS"]).STEPS))
+    stream = [(mail(message_id=f"q{i}@techcorp.com", subject=subject), subject)
+              for i, subject in enumerate(["Printer", "Scanner", "Fax"])]
+    actions = {label: (r.info if isinstance(r, RecordedError) else r).Action
+               for label, r in ing.ingest_many(stream, 1)}
+    assert actions == {"Printer": "created", "Scanner": "quarantined", "Fax": "created"}
+    with ing.session() as s:
+        states = sorted(s.scalars(select(InboundMail.state)))
+    assert states == ["created", "created", "quarantined"]
+
+
 def test_process_is_idempotent_for_spooled_records(ing: Ingestor) -> None:
     inbound_id = ing.receive(mail(), 1, door="smtp")
     first = ing.process(inbound_id)

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -92,27 +93,35 @@ def replay(
                         TimeElapsedColumn(), console=err, disable=not show_progress,
                         transient=True, redirect_stdout=sys.stdout.isatty(),
                         redirect_stderr=False)
-    with progress:
-        task = progress.add_task("replay", total=None)
+    unreadable = 0
+
+    def readable() -> Iterator[tuple[bytes, str]]:
+        nonlocal unreadable
         for item in iter_mails(paths):
             progress.advance(task)
             if item.raw is None:
-                failures += 1
+                unreadable += 1
                 err.print(f"[red]error[/red] {item.label}: {item.error}")
-                continue
-            try:
-                info = ingestor.ingest(item.raw, mailbox, door="replay", source=item.label)
-            except RecordedError as exc:
-                failures += 1
-                info = exc.info
-                err.print(f"[red]error[/red] {item.label}: {exc} (recorded as inbound "
-                          f"{exc.inbound_id})")
-            except TicketgateError as exc:
-                failures += 1
-                err.print(f"[red]error[/red] {item.label}: {exc}")
-                continue
-            line = info.model_dump_json() if as_json else _summary(item.label, info)
-            print(line, flush=True)  # on a terminal, rich prints it above the bar
+            else:
+                yield item.raw, item.label
+
+    with progress:
+        task = progress.add_task("replay", total=None)
+        try:
+            for label, result in ingestor.ingest_many(readable(), mailbox, door="replay"):
+                if isinstance(result, RecordedError):
+                    failures += 1
+                    info = result.info
+                    err.print(f"[red]error[/red] {label}: {result} (recorded as inbound "
+                              f"{result.inbound_id})")
+                else:
+                    info = result
+                line = info.model_dump_json() if as_json else _summary(label, info)
+                print(line, flush=True)  # on a terminal, rich prints it above the bar
+        except TicketgateError as exc:
+            failures += 1
+            err.print(f"[red]error[/red] {exc}")
+    failures += unreadable
     ingestor.close()
     raise typer.Exit(1 if failures else 0)
 
