@@ -12,6 +12,7 @@ from ingest.authentication import SenderAuthentication
 from ingest.config import Mailbox, Settings
 from ingest.models import Contact, InboundMail, Person, Ticket
 from ingest.parse import ParsedMail
+from ingest.reference import Reference
 
 Action = Literal["created", "appended", "duplicate", "ignored", "rejected", "quarantined"]
 MailKind = Literal["normal", "auto-reply", "bounce", "bulk"]
@@ -93,6 +94,7 @@ class MailContext:
     # the sender, why: then a subject tag alone threads nothing and no known person is named.
     authentication: SenderAuthentication = field(default_factory=SenderAuthentication)
     unverified: str | None = None
+    reference: Reference | None = None  # the configured reference data; None: query instead
 
     @property
     def replayed_hold(self) -> str | None:

@@ -269,6 +269,12 @@ class _RobustMailParser(mailparser.MailParser):  # type: ignore[misc]
             categories -= _EPILOGUE_DEFECTS
         return categories
 
+    def _make_mail(self, complete: bool = True) -> dict[str, Any]:
+        """Nothing: mail-parser builds this summary of every header twice per parse, for its
+        ``mail`` and ``mail_partial`` properties, which ticketgate never reads (the fields it
+        needs come from the parser's own properties and the message)."""
+        return {}
+
     def _decode_body_payload(self, part: EmailMessage, charset: str, part_index: int) -> str:
         payload = part.get_payload(decode=True)
         if not isinstance(payload, bytes) or not payload:

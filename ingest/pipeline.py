@@ -120,6 +120,7 @@ def _process_in(session: Session, inbound: InboundMail, raw: bytes, ingestor: In
         inbound=inbound,
         raw=raw,
         can_defer=can_defer,
+        reference=ingestor.reference,
     )
     try:
         outcome = run_steps(ctx, ingestor)

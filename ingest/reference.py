@@ -25,6 +25,9 @@ class Reference:
     priority_deadline_hours: dict[int, float | None] = field(default_factory=dict)
     statuses: dict[str, int] = field(default_factory=dict)
     status_base: dict[int, str] = field(default_factory=dict)
+    # Companies come from the configuration only, so their domains are looked up here, not
+    # queried for every sender.
+    contact_domains: dict[str, int] = field(default_factory=dict)
 
 
 def _upsert(session: Session, model: type, key: str, value: object, **fields: object) -> Any:
@@ -82,4 +85,7 @@ def load_reference(session: Session) -> Reference:
     for s in session.scalars(select(models.Status)):
         ref.statuses[s.name] = s.id
         ref.status_base[s.id] = s.base_status
+    for domain, contact_id in session.execute(
+            select(models.ContactDomain.domain, models.ContactDomain.contact_id)):
+        ref.contact_domains[domain.lower()] = contact_id
     return ref

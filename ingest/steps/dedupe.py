@@ -11,11 +11,11 @@ from ingest.spool import dedupe_claim
 
 def drop_duplicate(ctx: MailContext) -> Outcome | None:
     claim = dedupe_claim(ctx.inbound.mailbox_id, ctx.inbound.idempotency_key)
-    first = ctx.session.scalar(
-        select(InboundMail).where(
+    first = ctx.session.execute(  # not the whole row: its raw bytes may be megabytes
+        select(InboundMail.id, InboundMail.state, InboundMail.result).where(
             InboundMail.dedupe_claim == claim, InboundMail.id != ctx.inbound.id
         )
-    )
+    ).first()
     if first is None:
         ctx.trace.add("dedupe", f"first delivery of {ctx.inbound.idempotency_key[:80]}")
         return None

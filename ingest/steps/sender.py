@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from email.utils import parseaddr
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from ingest.context import MailContext, Outcome
 from ingest.models import Contact, ContactDomain, Person
@@ -18,12 +19,20 @@ def normalize_address(address: str) -> str:
     return (bare or address).strip().strip("<>").lower()
 
 
-def contact_for_domain(session: Session, domain: str) -> Contact | None:
-    """The company owning ``domain`` or a parent of it (mail.techcorp.com -> techcorp.com)."""
+def contact_for_domain(session: Session, domain: str,
+                       known_domains: Mapping[str, int] | None = None) -> Contact | None:
+    """The company owning ``domain`` or a parent of it (mail.techcorp.com -> techcorp.com).
+
+    ``known_domains`` (domain -> contact id, from :class:`~ingest.reference.Reference`) saves
+    the query; the contact row itself usually comes from the session's identity map.
+    """
     labels = domain.lower().strip(".").split(".")
     candidates = [".".join(labels[i:]) for i in range(len(labels) - 1)]
     if not candidates:
         return None
+    if known_domains is not None:
+        contact_id = next((known_domains[c] for c in candidates if c in known_domains), None)
+        return session.get(Contact, contact_id) if contact_id is not None else None
     rows = session.execute(
         select(ContactDomain.domain, Contact)
         .join(Contact, Contact.id == ContactDomain.contact_id)
@@ -46,13 +55,15 @@ def split_name(display: str, address: str) -> tuple[str, str]:
 
 
 def find_or_create_person(
-    session: Session, address: str, display: str, create: bool
+    session: Session, address: str, display: str, create: bool,
+    known_domains: Mapping[str, int] | None = None,
 ) -> tuple[Person | None, bool]:
-    person = session.scalar(select(Person).where(Person.email == address))
+    person = session.scalar(
+        select(Person).options(joinedload(Person.contact)).where(Person.email == address))
     if person is not None or not create or "@" not in address:
         return person, False
     first, last = split_name(display, address)
-    contact = contact_for_domain(session, address.rpartition("@")[2])
+    contact = contact_for_domain(session, address.rpartition("@")[2], known_domains)
     person = Person(
         email=address,
         first_name=first[:200],
@@ -76,6 +87,7 @@ def identify_sender(ctx: MailContext) -> Outcome | None:
     person, created = find_or_create_person(
         ctx.session, address, ctx.sender_name,
         create=(policy == "create" or not creating_ticket) and not ctx.unverified,
+        known_domains=ctx.reference.contact_domains if ctx.reference else None,
     )
     if person is not None and ctx.unverified:  # a forged From must not speak for a customer
         ctx.trace.add("sender", f"known person {address} not attributed: unverified sender")
@@ -88,7 +100,8 @@ def identify_sender(ctx: MailContext) -> Outcome | None:
     ctx.person = person
     if person is not None:
         ctx.contact = person.contact or contact_for_domain(
-            ctx.session, address.rpartition("@")[2]
+            ctx.session, address.rpartition("@")[2],
+            ctx.reference.contact_domains if ctx.reference else None,
         )
     ctx.secondary_persons = _secondary_persons(ctx, address, create=policy == "create")
     ctx.trace.add(
@@ -115,7 +128,9 @@ def _secondary_persons(ctx: MailContext, sender: str, create: bool) -> list[Pers
             ctx.trace.add("sender", "secondary persons capped",
                           limit=ctx.settings.service.max_secondary_persons)
             break
-        person, _ = find_or_create_person(ctx.session, address, display, create)
+        person, _ = find_or_create_person(
+            ctx.session, address, display, create,
+            ctx.reference.contact_domains if ctx.reference else None)
         if person is not None:
             result.append(person)
     return result

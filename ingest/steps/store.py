@@ -77,6 +77,9 @@ def _new_ticket(ctx: MailContext, ref: Reference, now: dt.datetime) -> Ticket:
         origin="Mail",
         slevel="external",
         unverified=bool(ctx.unverified),
+        num_messages=1,  # this mail's message, written next
+        has_attachment=bool(mail.attachments),
+        secondary_persons=[],  # known empty: no lazy load when Cc persons are added
     )
     ctx.session.add(ticket)
     ctx.session.flush()
@@ -169,10 +172,11 @@ def store_ticket(ctx: MailContext, ref: Reference) -> Outcome:
                 data=part.data,
             )
         )
-    ticket.num_messages = (ticket.num_messages or 0) + 1
-    ticket.has_attachment = bool(ticket.has_attachment or mail.attachments)
-    ticket.last_changed = now
-    if not ctx.classification.is_automatic:
+    if action == "appended":  # a new ticket was written with these already
+        ticket.num_messages = (ticket.num_messages or 0) + 1
+        ticket.has_attachment = bool(ticket.has_attachment or mail.attachments)
+        ticket.last_changed = now
+    if ctx.secondary_persons and not ctx.classification.is_automatic:
         _add_secondary_persons(ctx, ticket)
     ctx.inbound.ticket_message_id = message.id
     ctx.trace.add(
