@@ -32,13 +32,14 @@ from inscriptis import get_text
 
 from ingest import tnef
 from ingest.errors import ParseError
+from ingest.message_ids import message_ids_in as _ids
+from ingest.message_ids import normalize_message_id
 
 # mail-parser warns once per MIME part it leaves to us (delivery reports, returned headers):
 # every bounce would log a warning about nothing that is wrong.
 logging.getLogger("mailparser").setLevel(logging.ERROR)
 
 _ADDRESS_RE = re.compile(r"[^@\s<>\"',;]+@[^@\s<>\"',;]+")
-_MSGID_RE = re.compile(r"<([^<>\s]+)>")
 _JIS_ESCAPE = b"\x1b$B"
 _SURROGATE_RE = re.compile("[\udc80-\udcff]")
 # Parts kept as one attachment, their inner structure not walked: an attached mail (RFC 2046
@@ -280,26 +281,6 @@ class _RobustMailParser(mailparser.MailParser):  # type: ignore[misc]
         if not isinstance(payload, bytes) or not payload:
             return ""
         return decode_text(payload, part.get_content_charset())
-
-
-def _ids(value: str) -> list[str]:
-    """Message-IDs from In-Reply-To/References, tolerant of missing angle brackets."""
-    if not value:
-        return []
-    found = _MSGID_RE.findall(value)
-    if not found:
-        found = [tok.strip("<>") for tok in value.split() if "@" in tok]
-    return [f for f in found if f]
-
-
-def normalize_message_id(value: str | None) -> str | None:
-    if not value:
-        return None
-    ids = _ids(str(value))
-    if ids:
-        return ids[0][:900]
-    cleaned = str(value).strip().strip("<>").strip()
-    return cleaned[:900] or None
 
 
 class MailLimitExceeded(ParseError):

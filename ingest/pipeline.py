@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, undefer
 
 from ingest.context import MailContext, Outcome, Trace
 from ingest.errors import AttemptsExhausted, InboundNotFound, ParentPending, TransientError
@@ -165,7 +165,8 @@ def process_inbound(ingestor: Ingestor, inbound_id: int) -> TicketInfo:
     for _race in range(MAX_KEY_RACES):
         with ingestor.sessions() as session:
             try:
-                inbound = session.get(InboundMail, inbound_id, with_for_update=True)
+                inbound = session.get(InboundMail, inbound_id, with_for_update=True,
+                                      options=[undefer(InboundMail.raw)])  # one SELECT, not two
                 if inbound is None:
                     raise InboundNotFound(f"no inbound mail {inbound_id}")
                 if inbound.state in FINAL_STATES:

@@ -15,7 +15,7 @@ from sqlalchemy import Engine, func, or_, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from ingest import pipeline, schema, spool
+from ingest import schema, spool
 from ingest.config import Settings
 from ingest.db import make_engine, make_session_factory
 from ingest.errors import (
@@ -30,6 +30,9 @@ from ingest.reference import Reference, sync_reference
 from ingest.spool import Envelope
 from ingest.ticketinfo import TicketInfo
 
+# _pipeline_on_demand: ``ingest.pipeline`` (and with it mail-parser, lxml, nh3, dkimpy...) is
+# imported by the methods that process, not at the top: the SMTP listener and the IMAP poller
+# only spool, and these imports were a fifth of their resident memory.
 REPLAY_BATCH_SIZE = 64  # mails per commit in ingest_many: the SQLite write lock is held < 1 s
 
 
@@ -189,6 +192,8 @@ class Ingestor:
             return ids
 
     def process(self, inbound_id: int) -> TicketInfo:
+        from ingest import pipeline  # see _pipeline_on_demand
+
         return pipeline.process_inbound(self, inbound_id)
 
     def ingest(self, raw: bytes, mailbox_id: int, door: str = "replay", source: str = "",
@@ -202,6 +207,8 @@ class Ingestor:
         except (UnknownMailbox, InvalidMail) as exc:
             info = self._record_refusal(inbound, str(exc))
             raise RecordedError(str(exc), info.InboundId or 0, info) from exc
+        from ingest import pipeline  # see _pipeline_on_demand
+
         return pipeline.process_new(self, inbound)
 
     def ingest_many(self, mails: Iterable[tuple[bytes, str]], mailbox_id: int,
@@ -227,6 +234,8 @@ class Ingestor:
 
     def _ingest_batch(self, batch: list[tuple[str, InboundMail | RecordedError]]
                       ) -> Iterator[tuple[str, TicketInfo | RecordedError]]:
+        from ingest import pipeline  # see _pipeline_on_demand
+
         pending = [entry for _source, entry in batch if isinstance(entry, InboundMail)]
         infos = iter(pipeline.process_new_batch(self, pending) if pending else [])
         for source, entry in batch:

@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 
+from sqlalchemy import insert
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from ingest.errors import InvalidMail, SpoolError
+from ingest.message_ids import normalize_message_id
 from ingest.models import InboundMail
-from ingest.parse import normalize_message_id
 
 _HEADER_PARSER = BytesHeaderParser(policy=compat32)
 MAX_KEY_MESSAGE_ID = 250
@@ -38,7 +39,10 @@ class Envelope:
 
 
 def header_message_id(raw: bytes) -> str | None:
-    head, _sep, _body = raw.partition(b"\r\n\r\n") if b"\r\n\r\n" in raw else raw.partition(b"\n\n")
+    end = raw.find(b"\r\n\r\n")
+    if end < 0:
+        end = raw.find(b"\n\n")
+    head = raw[:end] if end >= 0 else raw  # the header block only: no copy of a large body
     try:
         found = normalize_message_id(_HEADER_PARSER.parsebytes(head).get("Message-ID"))
     except Exception:  # a hostile header block still gets a key: the SHA-256
@@ -109,10 +113,24 @@ def store(session: Session, inbound: InboundMail) -> int:
 
 
 def store_all(session: Session, records: list[InboundMail]) -> None:
-    """Commit all records in one transaction, or none of them."""
+    """Commit all records in one transaction, or none of them; their ids are set on them.
+
+    One multi-row INSERT ... RETURNING, not the ORM's unit of work: this runs before every SMTP
+    ``250``, where the ORM's bookkeeping was a quarter of the listener's time per mail.  The
+    records stay outside the session.
+    """
+    if not records:
+        return
+    columns = [column.key for column in InboundMail.__table__.columns if column.key != "id"]
+    rows = [{key: getattr(record, key) for key in columns if key in vars(record)}
+            for record in records]
     try:
-        session.add_all(records)
+        ids = session.execute(
+            insert(InboundMail).returning(InboundMail.id, sort_by_parameter_order=True), rows
+        ).scalars().all()
         session.commit()
+        for record, inbound_id in zip(records, ids, strict=True):
+            record.id = inbound_id
     except (SQLAlchemyError, UnicodeError, ValueError) as exc:
         # Also the driver's refusal of unstorable text (e.g. surrogates from a bad HELO): the
         # caller must see one error type and answer "try later", never a crash.

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 
 from ingest.errors import InboundNotFound, TransientError
 from workers import metrics, runtime
@@ -69,6 +69,13 @@ def make_celery() -> Celery:
 
 app = make_celery()
 metrics.connect_task_signals()  # count and time every task (exposed with [metrics] enabled)
+
+
+@signals.worker_init.connect
+def _load_pipeline(**_kwargs: Any) -> None:
+    """Workers process mail: load the pipeline once in the parent, before the pool forks, so
+    its children share those pages (the listener, which only enqueues, never loads it)."""
+    import ingest.pipeline  # noqa: F401
 
 
 @app.task(bind=True, name=PROCESS_TASK, max_retries=None)

@@ -13,7 +13,9 @@ from email.message import Message
 from email.utils import getaddresses, parseaddr
 
 from ingest.context import Classification, MailContext, Outcome
-from ingest.parse import ParsedMail, _ids, decode_header_value, normalize_message_id
+from ingest.message_ids import message_ids_in as _ids
+from ingest.message_ids import normalize_message_id
+from ingest.parse import ParsedMail, decode_header_value
 
 LOOP_MARKER = "ticketgate"
 
