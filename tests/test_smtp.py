@@ -722,6 +722,50 @@ def test_bare_lf_line_endings_accepted_and_no_smuggling(main: Site) -> None:
                       done["ticket_id"]) == [("bare LF line endings", 1)]
 
 
+def test_large_bare_lf_mail_and_dot_stuffing(main: Site) -> None:
+    """A 300 KB mail with bare-LF line endings (one CRLF-"line" far over the 64 KiB stream
+    limit) is taken whole; dot-stuffed lines are unstuffed, also right at the start of a block
+    and of the data; a line ending in a dot does not end the data."""
+    mid = f"<big-lf-{uuid.uuid4().hex}@example.org>"
+    body = b"".join(b"line %05d of a unix mailer's long report.\n" % i for i in range(7000))
+    msg = (b"From: Unix Mailer <lf@example.org>\nTo: support@example.com\n"
+           b"Subject: large bare LF\nMessage-ID: " + mid.encode() + b"\n\n" + body
+           + b"end.\r\n.leading dot\r\n..two dots\r\nlast.\r\n")
+    stuffed = msg.replace(b"\r\n.", b"\r\n..")
+    assert len(msg) > 300_000
+    with raw(main) as conn:
+        assert conn.cmd(b"EHLO unix.example.org")[0] == 250
+        assert conn.cmd(b"MAIL FROM:<lf@example.org>")[0] == 250
+        assert conn.cmd(b"RCPT TO:<support@example.com>")[0] == 250
+        assert conn.cmd(b"DATA")[0] == 354
+        conn.send(stuffed + b".\r\n")
+        code, lines = conn.reply()
+        assert code == 250, lines
+        (inbound_id,) = inbound_ids(lines[0])
+        assert conn.cmd(b"QUIT")[0] == 221
+    assert strip_received(main.inbound(inbound_id)["raw"])[1] == msg
+
+
+def test_empty_data_and_overlong_line(main: Site) -> None:
+    with raw(main) as conn:
+        assert conn.cmd(b"EHLO client.example.org")[0] == 250
+        assert conn.cmd(b"MAIL FROM:<a@example.org>")[0] == 250
+        assert conn.cmd(b"RCPT TO:<support@example.com>")[0] == 250
+        assert conn.cmd(b"DATA")[0] == 354
+        # No content at all: the end right after DATA is seen (an MTA takes it, as Postfix
+        # does; the record shows the Received header alone).
+        code, lines = conn.cmd(b".")
+        assert code == 250, lines
+        (inbound_id,) = inbound_ids(lines[0])
+        assert conn.cmd(b"MAIL FROM:<a@example.org>")[0] == 250
+        assert conn.cmd(b"RCPT TO:<support@example.com>")[0] == 250
+        assert conn.cmd(b"DATA")[0] == 354
+        conn.send(make_mail("overlong") + b"x" * (70 * 1024) + b"\r\n.\r\n")
+        assert conn.reply()[0] == 500
+        assert conn.cmd(b"NOOP")[0] == 250
+    assert strip_received(main.inbound(inbound_id)["raw"])[1] == b""
+
+
 def test_twenty_megabyte_mail_is_stored_byte_exact(main: Site) -> None:
     payload = base64.encodebytes(os.urandom(15_000_000)).replace(b"\n", b"\r\n")
     msg = make_mail(

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from email.utils import formatdate
 from typing import Any, ClassVar
 
-from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
+from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
 from sqlalchemy import Engine, event
 
 from ingest.config import Settings
@@ -56,6 +56,9 @@ BACKLOG_REFRESH_SECONDS = 1.0
 # C0 and C1 control characters (CR, LF, NUL, ESC, DEL, NEL...) and the Unicode line and
 # paragraph separators: never stored unescaped, never accepted in an address.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# A leading dot of a data line (the start of the data, or after CRLF), added by the client's
+# dot-stuffing (RFC 5321 section 4.5.2).
+_DOT_STUFFING = re.compile(rb"(?:^|(?<=\r\n))\.")
 
 
 class PeerLimits:
@@ -374,21 +377,109 @@ class TicketgateSMTP(SMTP):
 
     @syntax("DATA")  # keeps HELP DATA working
     async def smtp_DATA(self, arg: str) -> None:
+        """DATA as aiosmtpd answers it, but the content is read in blocks into one buffer.
+
+        aiosmtpd reads DATA line by line and keeps a list of one bytearray per line, about
+        twice the mail in memory and a Python loop turn per line; and a client that ends its
+        lines with bare LF sends one "line" the size of the mail, refused past the stream limit.
+        Here the reader's own search finds the end (CRLF.CRLF only, so SMTP smuggling with
+        ``<LF>.<LF>`` stays impossible) and never reads past it: pipelined commands after the
+        data stay in the reader.  The line rules are unchanged: a line (ended by LF or CRLF)
+        longer than ``line_length_limit`` is answered 500, data over the size limit 552, both
+        after the whole data has been read (RFC 5321 section 4.2.5), and a leading dot is
+        removed from every line after CRLF (section 4.5.2).
+        """
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
         if await self._out_of_sync("DATA"):
             return
         reserved = 0
         budget = self.data_budget
-        if budget is not None and self.envelope is not None and self.envelope.rcpt_tos:
+        if budget is not None:
             size = declared_size(self.envelope.mail_options)
             reserved = await budget.acquire(UNDECLARED_SIZE if size is None else size)
             self._reset_timeout()  # waiting for the budget is not the client's idleness
         self._in_data = True
         try:
-            await super().smtp_DATA(arg)
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            try:
+                content, refusal = await self._read_data()
+            except asyncio.IncompleteReadError:  # the client went away mid-DATA: nothing kept
+                log.info("connection lost during DATA")
+                self._writer.close()
+                return
+            if refusal is not None:
+                self._set_post_data_state()
+                await self.push(refusal)
+                return
+            self.envelope.content = content
+            self.envelope.original_content = content
+            del content
+            status = await self._call_handler_hook("DATA")
+            self._set_post_data_state()
+            await self.push("250 OK" if status is MISSING else status)
         finally:
             self._in_data = False
             if budget is not None and reserved:
                 budget.release(reserved)
+
+    async def _read_data(self) -> tuple[bytes, str | None]:
+        """The data up to CRLF.CRLF, unstuffed; or a refusal once all of it has been read.
+
+        The reader is searched for ``.<CRLF>``, the end of the terminator (its CRLF before may
+        be the end of the DATA line, read already); a match ends the data when the two bytes
+        before it are CRLF.  A stretch without one arrives in blocks of the reader's limit.
+        """
+        reader = self._reader
+        size_limit = self.data_size_limit
+        line_limit = self.line_length_limit
+        kept = bytearray()
+        recent = b"\r\n"  # the last bytes seen, from the CRLF that ended the DATA line
+        received = 0
+        open_line = 0  # length of the line not yet ended at the end of what was read
+        too_much = too_long = False
+        while True:
+            try:
+                block = await reader.readuntil(b".\r\n")
+                matched = True
+            except asyncio.LimitOverrunError as overrun:
+                block = await reader.readexactly(overrun.consumed)
+                matched = False
+            except asyncio.CancelledError:
+                log.info("connection lost during DATA")
+                self._writer.close()
+                raise
+            recent = (recent + block[-5:])[-5:]
+            if matched and recent == b"\r\n.\r\n":
+                block = block[:-3]  # ".\r\n" ends the data; it is not part of it
+            received += len(block)
+            first_break = block.find(b"\n")
+            if open_line + (len(block) if first_break < 0 else first_break) > line_limit:
+                too_long = True
+            last_break = block.rfind(b"\n")
+            open_line = open_line + len(block) if last_break < 0 else len(block) - last_break - 1
+            if size_limit and received > size_limit:
+                too_much = True
+            if too_much or too_long:
+                kept.clear()  # keep nothing of refused data, but read it to its end
+            else:
+                kept += block
+            if matched and recent == b"\r\n.\r\n":
+                break
+        if too_long:
+            return b"", "500 Line too long (see RFC5321 4.5.3.1.6)"
+        if too_much:
+            return b"", "552 Error: Too much mail data"
+        if kept.startswith(b".") or b"\r\n." in kept:
+            return _DOT_STUFFING.sub(b"", kept), None
+        return bytes(kept), None
 
     def data_received(self, data: bytes) -> None:
         if self._in_data:
