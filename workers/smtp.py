@@ -430,7 +430,7 @@ class TicketgateSMTP(SMTP):
             if budget is not None and reserved:
                 budget.release(reserved)
 
-    async def _read_data(self) -> tuple[bytes, str | None]:
+    async def _read_data(self) -> tuple[bytes | bytearray, str | None]:
         """The data up to CRLF.CRLF, unstuffed; or a refusal once all of it has been read.
 
         The reader is searched for ``.<CRLF>``, the end of the terminator (its CRLF before may
@@ -479,7 +479,7 @@ class TicketgateSMTP(SMTP):
             return b"", "552 Error: Too much mail data"
         if kept.startswith(b".") or b"\r\n." in kept:
             return _DOT_STUFFING.sub(b"", kept), None
-        return bytes(kept), None
+        return kept, None  # not copied to bytes: a 20 MB mail would be held twice
 
     def data_received(self, data: bytes) -> None:
         if self._in_data:
@@ -626,6 +626,9 @@ class SpoolingHandler:
         queue_id = secrets.token_hex(6)
         peer_ip = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
         raw = self._received_header(session, envelope, peer_ip, queue_id) + content
+        # From here on the stored bytes are the only copy the listener holds.
+        del content
+        envelope.content = envelope.original_content = None
         spool_envelope = SpoolEnvelope(mail_from=envelope.mail_from,
                                        rcpt_to=list(envelope.rcpt_tos),
                                        client_ip=peer_ip, helo=_stored_helo(session.host_name))
