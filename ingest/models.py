@@ -205,7 +205,7 @@ class Message(Base):
     __tablename__ = "messages"
     __table_args__ = (
         Index("ix_messages_message_id", "message_id"),
-        Index("ix_messages_from_created", "from_address", "created_at"),  # circuit breaker
+        Index("ix_messages_from_arrived", "from_address", "arrived_at"),  # circuit breaker
     )
     id: Mapped[int] = mapped_column(primary_key=True)
     ticket_id: Mapped[int] = mapped_column(ForeignKey("tickets.id", ondelete="CASCADE"), index=True)
@@ -236,6 +236,9 @@ class Message(Base):
     authentication: Mapped[dict[str, Any] | None] = mapped_column()
     unverified: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     subject_key: Mapped[str | None] = mapped_column(String(64))  # circuit breaker, see there
+    # When the mail reached the mail system (the inbound record's arrived_at, else its
+    # received_at): the circuit breaker counts arrivals, not processing.
+    arrived_at: Mapped[dt.datetime | None] = mapped_column()
     ticket: Mapped[Ticket] = relationship(back_populates="messages")
     attachments: Mapped[list[Attachment]] = relationship(
         back_populates="message", order_by="Attachment.id"
@@ -282,6 +285,9 @@ class InboundMail(Base):
     door: Mapped[str] = mapped_column(String(20))  # smtp | imap | http | replay
     source: Mapped[str] = mapped_column(Text, default="")  # file path, IMAP uid, peer...
     received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # When the mail reached the mail system, if the door knows an earlier time than its own
+    # receipt (IMAP: the server's INTERNALDATE); None: received_at.
+    arrived_at: Mapped[dt.datetime | None] = mapped_column()
     raw: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
     size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))

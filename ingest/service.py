@@ -109,16 +109,21 @@ class Ingestor:
             return [r.id for r in records]
 
     def receive_batch(self, items: Sequence[tuple[bytes, str]], mailbox_id: int, door: str,
-                      envelope: Envelope | None = None) -> list[Spooled]:
+                      envelope: Envelope | None = None,
+                      arrived: Sequence[dt.datetime | None] | None = None) -> list[Spooled]:
         """Spool several ``(raw, source)`` mails in one transaction, each source at most once.
 
         For doors that may fetch the same mail again (IMAP: killed after spooling, before the
         server flag was set): a mail whose mailbox, door, idempotency key and source are already
         in the spool gets its existing record back (``new=False``) instead of a second one.
+        ``arrived`` (one per item, or None) is when each mail reached the mail system, if the
+        door knows (IMAP INTERNALDATE).
         Raises :class:`~ingest.errors.SpoolError`, with nothing written, if the database fails.
         """
         records = [spool.new_inbound(raw, mailbox_id, door, source, envelope)
                    for raw, source in items]
+        for record, when in zip(records, arrived or [], strict=False):
+            record.arrived_at = spool.arrival(when)
         with self.sessions() as session:
             try:
                 found = {

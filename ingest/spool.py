@@ -7,6 +7,7 @@ block alone so that receiving stays cheap even for a 30 MB mail.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from ingest.errors import InvalidMail, SpoolError
 from ingest.message_ids import normalize_message_id
-from ingest.models import InboundMail
+from ingest.models import InboundMail, utcnow
 
 _HEADER_PARSER = BytesHeaderParser(policy=compat32)
 MAX_KEY_MESSAGE_ID = 250
@@ -36,6 +37,7 @@ class Envelope:
     rcpt_to: list[str] = field(default_factory=list)
     client_ip: str | None = None
     helo: str | None = None
+    arrived_at: dt.datetime | None = None  # known earlier arrival (IMAP INTERNALDATE), aware
 
 
 def header_message_id(raw: bytes) -> str | None:
@@ -101,9 +103,19 @@ def new_inbound(
         envelope_to=list(envelope.rcpt_to),
         client_ip=envelope.client_ip,
         helo=envelope.helo,
+        arrived_at=arrival(envelope.arrived_at),
         state="received",
         trace=[],
     )
+
+
+def arrival(when: dt.datetime | None) -> dt.datetime | None:
+    """UTC, and never in the future (a server clock ahead of ours)."""
+    if when is None:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return min(when.astimezone(dt.UTC), utcnow())
 
 
 def store(session: Session, inbound: InboundMail) -> int:

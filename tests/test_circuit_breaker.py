@@ -9,6 +9,7 @@ as ``quarantined`` with a ``circuit breaker: ...`` reason.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -140,6 +141,28 @@ def test_per_sender_ceiling_counts_every_subject(make: Callable[..., Ingestor]) 
     assert [r.Action for r in results] == ["created"] * 5 + ["quarantined"] * 3
     assert "alerts@monitor.test sent 5 mails in the last 3600 s (limit 5 per sender)" in (
         results[-1].Reason or "")
+
+
+def test_a_mailbox_backlog_is_counted_by_arrival_not_by_processing(
+        make: Callable[..., Ingestor]) -> None:
+    """An IMAP mailbox taken over with a year of monthly reports from one sender on one subject:
+    they arrived weeks apart (INTERNALDATE), so none is held.  The same reports arriving within
+    the hour are a storm again."""
+    ing = make("per_sender_subject_max = 3")
+    year_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=365)
+    backlog = ing.receive_batch(
+        [(autoresponder_mail(n, "reports@erp.test", "x@y.test", "Monthly report", None),
+          f"INBOX:{n}") for n in range(12)], 1, "imap",
+        arrived=[year_ago + dt.timedelta(days=30 * n) for n in range(12)])
+    assert [ing.process(s.inbound_id).Action for s in backlog] == ["created"] * 12
+    with ing.session() as s:
+        assert s.scalar(select(func.min(Message.arrived_at))) == year_ago
+    burst = ing.receive_batch(
+        [(autoresponder_mail(100 + n, "reports@erp.test", "x@y.test", "Monthly report", None),
+          f"INBOX:{100 + n}") for n in range(5)], 1, "imap",
+        arrived=[dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5 - n) for n in range(5)])
+    assert [ing.process(s.inbound_id).Action for s in burst] == (
+        ["created"] * 3 + ["quarantined"] * 2)
 
 
 def test_replay_door_is_not_watched_by_default(make: Callable[..., Ingestor]) -> None:

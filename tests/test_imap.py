@@ -9,6 +9,7 @@ pipeline at once; ``test_cli_imap_and_worker_processes`` runs the real ``ticketg
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import logging
 import os
 import re
@@ -30,7 +31,7 @@ from typer.testing import CliRunner
 
 from ingest.config import Settings, load_settings
 from ingest.errors import ConfigError
-from ingest.models import ImapFolderState, InboundMail, Ticket
+from ingest.models import ImapFolderState, InboundMail, Message, Ticket
 from ingest.service import Ingestor
 from tests.services import LEGACY_ADDRESS, NO_TLS_ADDRESS, DovecotServer
 from workers.imap import Backoff, ImapPoller, plan_batches, serve_imap, status_lines, uid_set
@@ -315,6 +316,25 @@ def test_new_mail_is_spooled_processed_and_marked_seen(
         sources = sorted(session.scalars(select(InboundMail.source)))
     assert sources[0] == (f"imap://{user}@127.0.0.1:{dovecot.imaps_port}/INBOX;"
                           f"UIDVALIDITY={state.uidvalidity}/;UID=1")
+
+
+def test_internaldate_is_kept_as_the_arrival_time(
+        setup: Callable[..., tuple[Ingestor, ImapPoller]], dovecot: DovecotServer,
+        imap_user: tuple[str, str]) -> None:
+    """A mail the server took in last spring keeps that time (the circuit breaker counts it
+    there, not at the moment the poller fetched it)."""
+    user, password = imap_user
+    spring = dt.datetime(2026, 4, 2, 9, 30, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    with client_for(dovecot, user, password) as client:
+        client.append("INBOX", mail("old", 1), msg_time=spring)
+    ingestor, poller = setup(after="seen")
+    with running(poller):
+        wait_until(lambda: count_inbound(ingestor, "created") == 1, what="1 ticket")
+    with ingestor.session() as session:
+        inbound = session.scalars(select(InboundMail)).one()
+        message = session.scalars(select(Message)).one()
+    assert inbound.arrived_at == spring and message.arrived_at == spring
+    assert inbound.received_at > spring + dt.timedelta(days=30)
 
 
 def test_fetching_never_sets_seen_before_the_spool_commit(

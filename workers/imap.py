@@ -243,6 +243,7 @@ class ImapPoller:
                 client = IMAPClient(cfg.host, cfg.port, ssl=False, timeout=timeout)
         except ssl.SSLError as exc:
             raise ImapTLSError(f"TLS handshake with {cfg.host}:{cfg.port} failed: {exc}") from exc
+        client.normalise_times = False  # INTERNALDATE with the server's offset, not local time
         self.client = client
         if cfg.tls == "starttls":
             if not client.has_capability("STARTTLS"):
@@ -423,20 +424,26 @@ class ImapPoller:
     def _take_batch(self, uidvalidity: int, batch: list[int]) -> int:
         """Fetch, spool (one commit), enqueue, acknowledge: in this order, never another."""
         assert self.client is not None
-        fetched = self.client.fetch(batch, ["BODY.PEEK[]"])
+        # INTERNALDATE: when the server took the mail in; the circuit breaker counts arrivals
+        # by it, so a mailbox's old backlog is not mistaken for a storm.
+        fetched = self.client.fetch(batch, ["BODY.PEEK[]", "INTERNALDATE"])
         items: list[tuple[bytes, str]] = []
+        arrived: list[dt.datetime | None] = []
         got: list[int] = []
         for uid in batch:
-            raw = fetched.get(uid, {}).get(b"BODY[]")
+            data = fetched.get(uid, {})
+            raw = data.get(b"BODY[]")
             if raw is None:
                 log.info("%s: UID %s vanished before it was fetched", self.name, uid)
                 continue
             items.append((bytes(raw), self.source(uidvalidity, uid)))
+            internal = data.get(b"INTERNALDATE")
+            arrived.append(internal if isinstance(internal, dt.datetime) else None)
             got.append(uid)
         del fetched
         if not items:
             return 0
-        spooled = self.ingestor.receive_batch(items, self.mailbox.id, DOOR)
+        spooled = self.ingestor.receive_batch(items, self.mailbox.id, DOOR, arrived=arrived)
         del items
         pending = [s.inbound_id for s in spooled if s.state == "received"]
         if pending:

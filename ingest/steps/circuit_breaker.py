@@ -4,7 +4,8 @@
 bounces, list mail).  This step stops the ones that do not: two autoresponders that answer each
 other through the support address without ``Auto-Submitted``, a misconfigured monitoring system,
 a mail server re-sending in a loop.  Limits (``[limits]``), counted over the last
-``window_seconds`` from the ``messages`` table, so every worker sees the same numbers:
+``window_seconds`` before the mail's arrival, from the ``messages`` table, so every worker sees
+the same numbers:
 
 * ``per_ticket_max``: mails appended to one ticket;
 * ``per_sender_subject_max``: mails from one address on one subject (``Re:``/``AW:``/tags and
@@ -56,7 +57,7 @@ def subject_key(subject: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()
 
 
-def _counts(ctx: MailContext, since: dt.datetime,
+def _counts(ctx: MailContext, since: dt.datetime, until: dt.datetime,
             checks: list[tuple[str, int, tuple[ColumnElement[bool], ...], str]]
             ) -> dict[str, int]:
     """Every check's count over the window, in one query (one ``FILTER`` aggregate each)."""
@@ -65,7 +66,7 @@ def _counts(ctx: MailContext, since: dt.datetime,
     row = ctx.session.execute(
         select(*(func.count().filter(and_(*conditions)) for _n, _l, conditions, _w in checks))
         .select_from(Message)
-        .where(Message.created_at >= since,
+        .where(Message.arrived_at >= since, Message.arrived_at <= until,
                or_(*(and_(*conditions) for _n, _l, conditions, _w in checks)))
     ).one()
     return {name: int(value or 0) for (name, *_rest), value in zip(checks, row, strict=True)}
@@ -81,7 +82,10 @@ def circuit_breaker(ctx: MailContext) -> Outcome | None:
         ctx.trace.add("breaker", "released from quarantine by replay")
         return None
     window = limits.window_seconds
-    since = utcnow() - dt.timedelta(seconds=window)
+    # The window ends when this mail arrived, not now: a backlog (an IMAP mailbox taken over,
+    # spool that waited for workers) is counted as it came in, not as it is worked off.
+    arrived = ctx.inbound.arrived_at or ctx.inbound.received_at or utcnow()
+    since = arrived - dt.timedelta(seconds=window)
     sender = ctx.sender_email
     checks: list[tuple[str, int, tuple[ColumnElement[bool], ...], str]] = []
     if ctx.ticket is not None and limits.per_ticket_max:
@@ -96,7 +100,7 @@ def circuit_breaker(ctx: MailContext) -> Outcome | None:
     if sender and limits.per_sender_max:
         checks.append(("sender", limits.per_sender_max, (Message.from_address == sender,),
                        f"{sender} sent"))
-    counts = _counts(ctx, since, checks)
+    counts = _counts(ctx, since, arrived, checks)
     for name, limit, _conditions, who in checks:
         seen = counts[name]
         if seen >= limit:

@@ -155,6 +155,7 @@ def store_ticket(ctx: MailContext, ref: Reference) -> Outcome:
         authentication=ctx.authentication.as_dict() if ctx.authentication.evaluated else None,
         unverified=bool(ctx.unverified),
         subject_key=subject_key(mail.subject),
+        arrived_at=ctx.inbound.arrived_at or ctx.inbound.received_at or now,
     )
     ctx.session.add(message)
     ctx.session.flush()
