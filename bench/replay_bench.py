@@ -553,6 +553,8 @@ PROFILE_GROUPS = [
     ("spool", "ingest/spool.py", "new_inbound", None),
     ("spool", "ingest/spool.py", "check_rfc822", None),
     ("spool", "sqlalchemy/orm/session.py", "flush", ("ingest/pipeline.py", "process_new")),
+    ("spool", "sqlalchemy/orm/session.py", "flush",
+     ("ingest/pipeline.py", "process_new_batch")),
     ("dedupe", "ingest/steps/dedupe.py", "drop_duplicate", None),
     ("limits", "ingest/steps/limits.py", "enforce_size", None),
     ("parse", "ingest/steps/parsing.py", "parse", None),
@@ -566,8 +568,10 @@ PROFILE_GROUPS = [
     ("outcome", "ingest/pipeline.py", "record_outcome", None),
     ("outcome", "sqlalchemy/orm/session.py", "flush", ("ingest/pipeline.py", "_process_in")),
     ("commit", "sqlalchemy/orm/session.py", "commit", ("ingest/pipeline.py", "process_new")),
+    ("commit", "sqlalchemy/orm/session.py", "commit",
+     ("ingest/pipeline.py", "process_new_batch")),
 ]
-PROFILE_TOTAL = ("ingest/service.py", "ingest")
+PROFILE_TOTAL = ("ingest/service.py", "ingest_many")
 
 Func = tuple[str, int, str]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,18 @@ from ingest.service import Ingestor
 pytest_plugins = ["tests.services"]
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _config_env_restored() -> Iterator[None]:
+    """The CLI exports ``TICKETGATE_CONFIG`` for its child processes; a command run in-process
+    by a test must not leave it set for the tests after it."""
+    saved = os.environ.get("TICKETGATE_CONFIG")
+    yield
+    if saved is None:
+        os.environ.pop("TICKETGATE_CONFIG", None)
+    else:
+        os.environ["TICKETGATE_CONFIG"] = saved
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
