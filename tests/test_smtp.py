@@ -321,6 +321,19 @@ def inbound_ids(reply: bytes) -> list[int]:
     return [int(x) for x in match.group(1).split(b",")]
 
 
+def send_data(conn: Raw, sender: bytes, wire: bytes) -> int:
+    """One transaction to support@ on an open raw session: ``wire`` is the data as sent, its
+    terminator included; returns the inbound id of the 250."""
+    assert conn.cmd(b"MAIL FROM:<" + sender + b">")[0] == 250
+    assert conn.cmd(b"RCPT TO:<support@example.com>")[0] == 250
+    assert conn.cmd(b"DATA")[0] == 354
+    conn.send(wire)
+    code, lines = conn.reply()
+    assert code == 250, lines
+    (inbound_id,) = inbound_ids(lines[0])
+    return inbound_id
+
+
 def deliver(site: Site, msg: bytes, rcpts: list[str], sender: str = "customer@example.org",
             options: list[str] | None = None) -> tuple[list[int], bytes]:
     with client(site) as smtp:
@@ -704,13 +717,7 @@ def test_bare_lf_line_endings_accepted_and_no_smuggling(main: Site) -> None:
            b"last line\n")
     with raw(main) as conn:
         assert conn.cmd(b"EHLO unix.example.org")[0] == 250
-        assert conn.cmd(b"MAIL FROM:<lf@example.org>")[0] == 250
-        assert conn.cmd(b"RCPT TO:<support@example.com>")[0] == 250
-        assert conn.cmd(b"DATA")[0] == 354
-        conn.send(msg + b"\r\n.\r\n")
-        code, lines = conn.reply()
-        assert code == 250, lines
-        (inbound_id,) = inbound_ids(lines[0])
+        inbound_id = send_data(conn, b"lf@example.org", msg + b"\r\n.\r\n")
         assert conn.cmd(b"QUIT")[0] == 221  # exactly one reply came for the whole data
     row = main.inbound(inbound_id)
     assert strip_received(row["raw"])[1] == msg + b"\r\n"
@@ -735,13 +742,7 @@ def test_large_bare_lf_mail_and_dot_stuffing(main: Site) -> None:
     assert len(msg) > 300_000
     with raw(main) as conn:
         assert conn.cmd(b"EHLO unix.example.org")[0] == 250
-        assert conn.cmd(b"MAIL FROM:<lf@example.org>")[0] == 250
-        assert conn.cmd(b"RCPT TO:<support@example.com>")[0] == 250
-        assert conn.cmd(b"DATA")[0] == 354
-        conn.send(stuffed + b".\r\n")
-        code, lines = conn.reply()
-        assert code == 250, lines
-        (inbound_id,) = inbound_ids(lines[0])
+        inbound_id = send_data(conn, b"lf@example.org", stuffed + b".\r\n")
         assert conn.cmd(b"QUIT")[0] == 221
     assert strip_received(main.inbound(inbound_id)["raw"])[1] == msg
 
@@ -749,14 +750,9 @@ def test_large_bare_lf_mail_and_dot_stuffing(main: Site) -> None:
 def test_empty_data_and_overlong_line(main: Site) -> None:
     with raw(main) as conn:
         assert conn.cmd(b"EHLO client.example.org")[0] == 250
-        assert conn.cmd(b"MAIL FROM:<a@example.org>")[0] == 250
-        assert conn.cmd(b"RCPT TO:<support@example.com>")[0] == 250
-        assert conn.cmd(b"DATA")[0] == 354
         # No content at all: the end right after DATA is seen (an MTA takes it, as Postfix
         # does; the record shows the Received header alone).
-        code, lines = conn.cmd(b".")
-        assert code == 250, lines
-        (inbound_id,) = inbound_ids(lines[0])
+        inbound_id = send_data(conn, b"a@example.org", b".\r\n")
         assert conn.cmd(b"MAIL FROM:<a@example.org>")[0] == 250
         assert conn.cmd(b"RCPT TO:<support@example.com>")[0] == 250
         assert conn.cmd(b"DATA")[0] == 354
