@@ -13,6 +13,7 @@ from sqlalchemy import func, select
 
 from ingest.models import InboundMail, Message, Person, Ticket
 from ingest.service import Ingestor, RecordedError
+from ingest.spool import Envelope
 from ingest.tokens import outgoing_message_id
 
 CONFIG = """
@@ -323,6 +324,18 @@ def test_garbage_is_recorded_as_rejected_and_raised(ing: Ingestor) -> None:
             assert row is not None and row.state == "rejected" and row.reason
     with pytest.raises(RecordedError, match="no mailbox"):
         ing.ingest(mail(), 99)
+
+
+def test_empty_message_is_ignored_not_a_ticket(ing: Ingestor) -> None:
+    """An empty SMTP DATA arrives as the listener's Received header alone."""
+    raw = (b"Received: from client.example.org (127.0.0.1) by mx;"
+           b" Sun, 22 Nov 2026 14:00:00 +0000\r\n")
+    inbound_id = ing.receive(raw, 1, "smtp", envelope=Envelope(
+        mail_from="a@example.org", rcpt_to=["support@example.com"]))
+    info = ing.process(inbound_id)
+    assert info.Action == "ignored" and (info.Reason or "").startswith("empty message")
+    assert count(ing, Ticket) == 0
+    assert ing.ingest(mail(body=""), 1).Action == "created"  # headers but no body: a mail
 
 
 def test_failure_is_quarantined_and_replayable(

@@ -750,8 +750,8 @@ def test_large_bare_lf_mail_and_dot_stuffing(main: Site) -> None:
 def test_empty_data_and_overlong_line(main: Site) -> None:
     with raw(main) as conn:
         assert conn.cmd(b"EHLO client.example.org")[0] == 250
-        # No content at all: the end right after DATA is seen (an MTA takes it, as Postfix
-        # does; the record shows the Received header alone).
+        # No content at all: the end right after DATA is seen; the mail is taken, as Postfix
+        # does, and the pipeline ignores it (only the Received header is in it).
         inbound_id = send_data(conn, b"a@example.org", b".\r\n")
         assert conn.cmd(b"MAIL FROM:<a@example.org>")[0] == 250
         assert conn.cmd(b"RCPT TO:<support@example.com>")[0] == 250
@@ -760,6 +760,9 @@ def test_empty_data_and_overlong_line(main: Site) -> None:
         assert conn.reply()[0] == 500
         assert conn.cmd(b"NOOP")[0] == 250
     assert strip_received(main.inbound(inbound_id)["raw"])[1] == b""
+    (done,) = main.wait_final([inbound_id])
+    assert (done["state"], done["reason"]) == (
+        "ignored", "empty message: no header besides trace fields and no body")
 
 
 def test_twenty_megabyte_mail_is_stored_byte_exact(main: Site) -> None:
@@ -994,6 +997,10 @@ def test_every_accepted_mail_ends_as_a_ticket(main: Site) -> None:
     deliver(main, make_mail("the last one"), ["support@example.com", "billing@example.com"])
     ids = [r[0] for r in main.query("SELECT id FROM inbound_mails ORDER BY id")]
     rows = main.wait_final(ids)
+    # The empty DATA of test_empty_data_and_overlong_line is the one mail with nothing in it.
+    empty = [r for r in rows if (r["reason"] or "").startswith("empty message")]
+    assert [r["state"] for r in empty] == ["ignored"]
+    rows = [r for r in rows if r not in empty]
     assert {r["state"] for r in rows} == {"created"}, [
         (r["id"], r["state"], r["reason"], r["error"]) for r in rows if r["state"] != "created"]
     ticket_ids = [r["ticket_id"] for r in rows]

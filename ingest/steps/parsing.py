@@ -3,7 +3,18 @@
 from __future__ import annotations
 
 from ingest.context import MailContext, Outcome
-from ingest.parse import MailLimitExceeded, parse_mail
+from ingest.parse import MailLimitExceeded, ParsedMail, parse_mail
+
+# Header fields a relay adds on the way; a mail with only these carries nothing of its sender.
+TRACE_FIELDS = frozenset({"received", "return-path", "delivered-to", "x-original-to"})
+
+
+def is_empty(mail: ParsedMail) -> bool:
+    """No header of the sender's (only trace fields) and no body: an empty SMTP DATA, say.
+    RFC 5322 requires From and Date; such a mail gives an agent nothing to answer."""
+    names = {name.lower() for name in mail.message}  # the field names
+    return (names <= TRACE_FIELDS and not mail.text.strip() and not mail.html.strip()
+            and not mail.attachments)
 
 
 def parse(ctx: MailContext) -> Outcome | None:
@@ -14,6 +25,10 @@ def parse(ctx: MailContext) -> Outcome | None:
         ctx.trace.add("parse", reason)
         return Outcome("rejected", reason)
     ctx.parsed = mail
+    if is_empty(mail):
+        reason = "empty message: no header besides trace fields and no body"
+        ctx.trace.add("parse", reason)
+        return Outcome("ignored", reason)
     name, address = mail.from_name, mail.from_address
     if ctx.settings.service.sender_address == "reply-to" and mail.reply_to:
         name, address = mail.reply_to[0]
