@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -107,6 +108,11 @@ class MailContext:
         if inbound.attempts and inbound.state == "received" and inbound.reason:
             return str(inbound.reason)
         return None
+
+    @property
+    def known_domains(self) -> Mapping[str, int] | None:
+        """Company domains -> contact id from the reference data; None: look them up."""
+        return self.reference.contact_domains if self.reference else None
 
     @property
     def mail(self) -> ParsedMail:

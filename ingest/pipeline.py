@@ -236,21 +236,18 @@ def process_new_batch(ingestor: Ingestor, inbounds: Sequence[InboundMail]) -> li
     committed and answers ``duplicate``.
     """
     raws = [inbound.raw for inbound in inbounds]
-    infos: list[TicketInfo] | None = []
+    infos: list[TicketInfo] = []
     with ingestor.sessions() as session:
         try:
             for inbound, raw in zip(inbounds, raws, strict=True):
                 session.add(inbound)
                 session.flush()
-                info, _ctx = _process_in(session, inbound, raw, ingestor)
-                infos.append(info)  # type: ignore[union-attr]
+                infos.append(_process_in(session, inbound, raw, ingestor)[0])
             session.commit()
         except Exception:  # each mail's own path below sorts it out
             session.rollback()
-            infos = None
-    if infos is None:
-        return [process_new(ingestor, _fresh_copy(inbound, raw))
-                for inbound, raw in zip(inbounds, raws, strict=True)]
+            return [process_new(ingestor, _fresh_copy(inbound, raw))
+                    for inbound, raw in zip(inbounds, raws, strict=True)]
     for info in infos:
         _log(info)
     return infos

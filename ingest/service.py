@@ -10,6 +10,7 @@ import datetime as dt
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import ModuleType
 
 from sqlalchemy import Engine, func, or_, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -30,10 +31,16 @@ from ingest.reference import Reference, sync_reference
 from ingest.spool import Envelope
 from ingest.ticketinfo import TicketInfo
 
-# _pipeline_on_demand: ``ingest.pipeline`` (and with it mail-parser, lxml, nh3, dkimpy...) is
-# imported by the methods that process, not at the top: the SMTP listener and the IMAP poller
-# only spool, and these imports were a fifth of their resident memory.
 REPLAY_BATCH_SIZE = 64  # mails per commit in ingest_many: the SQLite write lock is held < 1 s
+
+
+def _pipeline() -> ModuleType:
+    """``ingest.pipeline``, imported on first use rather than at the top: the SMTP listener and
+    the IMAP poller only spool, and the pipeline's imports (mail-parser, lxml, nh3, dkimpy...)
+    were a fifth of their resident memory."""
+    from ingest import pipeline
+
+    return pipeline
 
 
 class RecordedError(InvalidMail):
@@ -197,14 +204,18 @@ class Ingestor:
             return ids
 
     def process(self, inbound_id: int) -> TicketInfo:
-        from ingest import pipeline  # see _pipeline_on_demand
-
-        return pipeline.process_inbound(self, inbound_id)
+        return _pipeline().process_inbound(self, inbound_id)
 
     def ingest(self, raw: bytes, mailbox_id: int, door: str = "replay", source: str = "",
                envelope: Envelope | None = None) -> TicketInfo:
         """Spool and process in one go.  Unknown mailboxes and non-mail data are recorded as
         ``rejected`` and raised as :class:`RecordedError`."""
+        return _pipeline().process_new(self, self._admit(raw, mailbox_id, door, source, envelope))
+
+    def _admit(self, raw: bytes, mailbox_id: int, door: str, source: str,
+               envelope: Envelope | None = None) -> InboundMail:
+        """The spool record of an in-process delivery, or :class:`RecordedError` (recorded as
+        ``rejected``) for an unknown mailbox or data that is not a mail."""
         inbound = spool.new_inbound(raw, mailbox_id, door, source, envelope)
         try:
             self.settings.mailbox_for(mailbox_id)
@@ -212,9 +223,7 @@ class Ingestor:
         except (UnknownMailbox, InvalidMail) as exc:
             info = self._record_refusal(inbound, str(exc))
             raise RecordedError(str(exc), info.InboundId or 0, info) from exc
-        from ingest import pipeline  # see _pipeline_on_demand
-
-        return pipeline.process_new(self, inbound)
+        return inbound
 
     def ingest_many(self, mails: Iterable[tuple[bytes, str]], mailbox_id: int,
                     door: str = "replay", batch_size: int = REPLAY_BATCH_SIZE
@@ -224,14 +233,10 @@ class Ingestor:
         order once the mail's batch is committed; refused input as a :class:`RecordedError`."""
         batch: list[tuple[str, InboundMail | RecordedError]] = []
         for raw, source in mails:
-            inbound = spool.new_inbound(raw, mailbox_id, door, source)
             try:
-                self.settings.mailbox_for(mailbox_id)
-                spool.check_rfc822(raw)
-                batch.append((source, inbound))
-            except (UnknownMailbox, InvalidMail) as exc:
-                info = self._record_refusal(inbound, str(exc))
-                batch.append((source, RecordedError(str(exc), info.InboundId or 0, info)))
+                batch.append((source, self._admit(raw, mailbox_id, door, source)))
+            except RecordedError as refused:
+                batch.append((source, refused))
             if len(batch) >= batch_size:
                 yield from self._ingest_batch(batch)
                 batch = []
@@ -239,10 +244,8 @@ class Ingestor:
 
     def _ingest_batch(self, batch: list[tuple[str, InboundMail | RecordedError]]
                       ) -> Iterator[tuple[str, TicketInfo | RecordedError]]:
-        from ingest import pipeline  # see _pipeline_on_demand
-
         pending = [entry for _source, entry in batch if isinstance(entry, InboundMail)]
-        infos = iter(pipeline.process_new_batch(self, pending) if pending else [])
+        infos = iter(_pipeline().process_new_batch(self, pending) if pending else [])
         for source, entry in batch:
             yield source, (next(infos) if isinstance(entry, InboundMail) else entry)
 

@@ -26,6 +26,8 @@ _HEADER_PARSER = BytesHeaderParser(policy=compat32)
 MAX_KEY_MESSAGE_ID = 250
 # A field name of printable ASCII but ":", then optional white space (RFC 5322 obsolete syntax
 # allows "Subject  :"), then the colon.
+# The inbound columns a new record can carry (the id comes back from the INSERT).
+_SPOOLED_COLUMNS = tuple(c.key for c in InboundMail.__table__.columns if c.key != "id")
 _HEADER_LINE = re.compile(rb"^[\x21-\x39\x3b-\x7e]+[ \t]*:")
 
 
@@ -133,8 +135,7 @@ def store_all(session: Session, records: list[InboundMail]) -> None:
     """
     if not records:
         return
-    columns = [column.key for column in InboundMail.__table__.columns if column.key != "id"]
-    rows = [{key: getattr(record, key) for key in columns if key in vars(record)}
+    rows = [{key: getattr(record, key) for key in _SPOOLED_COLUMNS if key in vars(record)}
             for record in records]
     try:
         ids = session.execute(

@@ -457,7 +457,8 @@ class TicketgateSMTP(SMTP):
                 self._writer.close()
                 raise
             recent = (recent + block[-5:])[-5:]
-            if matched and recent == b"\r\n.\r\n":
+            ended = matched and recent == b"\r\n.\r\n"
+            if ended:
                 block = block[:-3]  # ".\r\n" ends the data; it is not part of it
             received += len(block)
             first_break = block.find(b"\n")
@@ -471,7 +472,7 @@ class TicketgateSMTP(SMTP):
                 kept.clear()  # keep nothing of refused data, but read it to its end
             else:
                 kept += block
-            if matched and recent == b"\r\n.\r\n":
+            if ended:
                 break
         if too_long:
             return b"", "500 Line too long (see RFC5321 4.5.3.1.6)"

@@ -87,7 +87,7 @@ def identify_sender(ctx: MailContext) -> Outcome | None:
     person, created = find_or_create_person(
         ctx.session, address, ctx.sender_name,
         create=(policy == "create" or not creating_ticket) and not ctx.unverified,
-        known_domains=ctx.reference.contact_domains if ctx.reference else None,
+        known_domains=ctx.known_domains,
     )
     if person is not None and ctx.unverified:  # a forged From must not speak for a customer
         ctx.trace.add("sender", f"known person {address} not attributed: unverified sender")
@@ -100,9 +100,7 @@ def identify_sender(ctx: MailContext) -> Outcome | None:
     ctx.person = person
     if person is not None:
         ctx.contact = person.contact or contact_for_domain(
-            ctx.session, address.rpartition("@")[2],
-            ctx.reference.contact_domains if ctx.reference else None,
-        )
+            ctx.session, address.rpartition("@")[2], ctx.known_domains)
     ctx.secondary_persons = _secondary_persons(ctx, address, create=policy == "create")
     ctx.trace.add(
         "sender",
@@ -130,7 +128,7 @@ def _secondary_persons(ctx: MailContext, sender: str, create: bool) -> list[Pers
             break
         person, _ = find_or_create_person(
             ctx.session, address, display, create,
-            ctx.reference.contact_domains if ctx.reference else None)
+            ctx.known_domains)
         if person is not None:
             result.append(person)
     return result

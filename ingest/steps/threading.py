@@ -90,7 +90,7 @@ def sender_knows_ticket(ctx: MailContext, ticket: Ticket) -> str | None:
         if contact_id is None:
             contact = contact_for_domain(
                 ctx.session, email.rpartition("@")[2],
-                ctx.reference.contact_domains if ctx.reference else None)
+                ctx.known_domains)
             contact_id = contact.id if contact is not None else None
         if contact_id == ticket.contact_id:
             return "sender is from the ticket's company"
