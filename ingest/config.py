@@ -444,6 +444,15 @@ class WorkerSection(_Strict):
     task_time_limit: float = 300.0  # seconds one mail may take before its worker is recycled
 
 
+class ReplaySection(_Strict):
+    """``[replay]``: ``ticketgate replay`` of stored mail (files, mbox, Maildir)."""
+
+    # Helper processes that parse ahead of the one that writes tickets (ingest.prepare).
+    # None: one per CPU core but one (at most 4); 0: parse in the writing process only.
+    parse_helpers: int | None = Field(default=None, ge=0, le=64)
+    batch_size: int = Field(default=64, ge=1, le=10_000)  # mails per transaction
+
+
 class MetricsSection(_Strict):
     """``[metrics]``: a Prometheus endpoint per long-running role (the API serves ``/metrics`` on
     its own port).  Off by default so roles started side by side never fight over a port."""
@@ -486,6 +495,7 @@ class Settings(BaseSettings):
     http: HttpSection = Field(default_factory=HttpSection)
     worker: WorkerSection = Field(default_factory=WorkerSection)
     metrics: MetricsSection = Field(default_factory=MetricsSection)
+    replay: ReplaySection = Field(default_factory=ReplaySection)
     authentication: AuthenticationSection = Field(default_factory=AuthenticationSection)
     limits: LimitsSection = Field(default_factory=LimitsSection)
     api_user: list[ApiUser] = Field(default_factory=list)

@@ -96,6 +96,10 @@ class MailContext:
     authentication: SenderAuthentication = field(default_factory=SenderAuthentication)
     unverified: str | None = None
     reference: Reference | None = None  # the configured reference data; None: query instead
+    # The parse step's result computed ahead, in a helper process (ingest.prepare); the parse
+    # step takes it instead of parsing again.  None: parse here.
+    prepared: ParsedMail | None = None
+    message_row_id: int | None = None  # the stored message's id, once the store step wrote it
 
     @property
     def replayed_hold(self) -> str | None:

@@ -101,7 +101,9 @@ class ParsedMail:
     text: str
     html: str
     attachments: list[ParsedAttachment] = field(default_factory=list)
-    visible_text: str = ""  # the new part of a reply, without quoted history and signature
+    # The new part of a reply, without quoted history and signature; None until the pipeline
+    # (or a replay helper, ingest.prepare) has extracted it.
+    visible_text: str | None = None
     defects: list[str] = field(default_factory=list)
     header_block: str = ""
     header_charset: str | None = None  # the hint for raw 8-bit header bytes, see header_charset()

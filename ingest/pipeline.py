@@ -19,14 +19,18 @@ from __future__ import annotations
 import logging
 import traceback
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import bindparam, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, undefer
+from sqlalchemy.orm.attributes import set_committed_value
 
+from ingest import spool
 from ingest.context import MailContext, Outcome, Trace
 from ingest.errors import AttemptsExhausted, InboundNotFound, ParentPending, TransientError
 from ingest.models import FINAL_STATES, InboundMail, utcnow
+from ingest.parse import ParsedMail
 from ingest.reply import visible_reply
 from ingest.spool import dedupe_claim
 from ingest.steps.authenticate import authenticate
@@ -63,6 +67,13 @@ STEPS: tuple[Step, ...] = (
     #                   ignored or rejected mail leaves no person behind)
 )
 MAX_KEY_RACES = 3
+_FINAL_STATE = (
+    update(InboundMail)
+    .where(InboundMail.id == bindparam("inbound"))
+    .values({column: bindparam(column) for column in (
+        "duplicate_of_id", "dedupe_claim", "state", "reason", "error", "ticket_id",
+        "ticket_message_id", "trace", "result", "processed_at", "attempts")})
+)
 
 
 def run_steps(ctx: MailContext, ingestor: Ingestor) -> Outcome:
@@ -70,21 +81,28 @@ def run_steps(ctx: MailContext, ingestor: Ingestor) -> Outcome:
         outcome = step(ctx)
         if outcome is not None:
             return outcome
-    ctx.mail.visible_text = visible_reply(ctx.mail.text)
+    if ctx.mail.visible_text is None:  # a replay helper may have done it already
+        ctx.mail.visible_text = visible_reply(ctx.mail.text)
     return store_ticket(ctx, ingestor.reference)
 
 
 def record_outcome(ctx: MailContext, outcome: Outcome, ingestor: Ingestor) -> TicketInfo:
-    """Write the final state onto the inbound record and build the TicketInfo."""
+    """Write the final state onto the inbound record and build the TicketInfo.
+
+    One Core ``UPDATE`` (the ORM's change tracking cost more than the statement); the record
+    object gets the same values as committed state, so it reads as stored.  A second record
+    claiming the same idempotency key fails here with IntegrityError (the unique claim).
+    """
     inbound = ctx.inbound
     settings = ingestor.settings
+    final: dict[str, Any] = {"duplicate_of_id": None, "dedupe_claim": None}
     if outcome.action == "duplicate":
         first = dict(outcome.result or {})
         first.pop("Action", None)
         first.pop("Reason", None)
         first.pop("InboundId", None)
         info = TicketInfo(**first, Action="duplicate", Reason=outcome.reason, InboundId=inbound.id)
-        inbound.duplicate_of_id = outcome.duplicate_of
+        final["duplicate_of_id"] = outcome.duplicate_of
     else:
         info = ticket_info(
             action=outcome.action,
@@ -97,22 +115,29 @@ def record_outcome(ctx: MailContext, outcome: Outcome, ingestor: Ingestor) -> Ti
             tag_template=settings.service.subject_tag,
             threaded_by=ctx.threaded_by if outcome.action == "appended" else None,
         )
-        inbound.dedupe_claim = dedupe_claim(inbound.mailbox_id, inbound.idempotency_key)
+        final["dedupe_claim"] = dedupe_claim(inbound.mailbox_id, inbound.idempotency_key)
     if info.MessageId is None:
         info.MessageId = inbound.header_message_id
-    inbound.state = outcome.action
-    inbound.reason = outcome.reason
-    inbound.error = None
-    inbound.ticket_id = info.TicketId or None
-    inbound.trace = ctx.trace.lines
-    inbound.result = info.model_dump()
-    inbound.processed_at = utcnow()
-    inbound.attempts = max(inbound.attempts or 0, 1)
+    final.update(
+        state=outcome.action,
+        reason=outcome.reason,
+        error=None,
+        ticket_id=info.TicketId or None,
+        ticket_message_id=ctx.message_row_id,
+        trace=ctx.trace.lines,
+        result=info.model_dump(),
+        processed_at=utcnow(),
+        attempts=max(inbound.attempts or 0, 1),
+    )
+    ctx.session.connection().execute(_FINAL_STATE, {"inbound": inbound.id, **final})
+    for key, value in final.items():
+        set_committed_value(inbound, key, value)
     return info
 
 
 def _process_in(session: Session, inbound: InboundMail, raw: bytes, ingestor: Ingestor,
-                can_defer: bool = False) -> tuple[TicketInfo, MailContext]:
+                can_defer: bool = False, prepared: ParsedMail | None = None
+                ) -> tuple[TicketInfo, MailContext]:
     ctx = MailContext(
         session=session,
         settings=ingestor.settings,
@@ -121,6 +146,7 @@ def _process_in(session: Session, inbound: InboundMail, raw: bytes, ingestor: In
         raw=raw,
         can_defer=can_defer,
         reference=ingestor.reference,
+        prepared=prepared,
     )
     try:
         outcome = run_steps(ctx, ingestor)
@@ -128,7 +154,7 @@ def _process_in(session: Session, inbound: InboundMail, raw: bytes, ingestor: In
         exc.trace = ctx.trace  # type: ignore[attr-defined]  # kept for the quarantine record
         raise
     info = record_outcome(ctx, outcome, ingestor)
-    session.flush()
+    session.flush()  # an appended-to ticket's changes, Cc persons
     return info, ctx
 
 
@@ -204,8 +230,7 @@ def process_new(ingestor: Ingestor, inbound: InboundMail) -> TicketInfo:
     for _race in range(MAX_KEY_RACES):
         with ingestor.sessions() as session:
             try:
-                session.add(inbound)
-                session.flush()
+                spool.insert_records(session, [inbound])
                 info, _ctx = _process_in(session, inbound, raw, ingestor)
                 session.commit()
                 _log(info)
@@ -225,7 +250,8 @@ def process_new(ingestor: Ingestor, inbound: InboundMail) -> TicketInfo:
     )
 
 
-def process_new_batch(ingestor: Ingestor, inbounds: Sequence[InboundMail]) -> list[TicketInfo]:
+def process_new_batch(ingestor: Ingestor, inbounds: Sequence[InboundMail],
+                      prepared: Sequence[ParsedMail | None] | None = None) -> list[TicketInfo]:
     """Spool and process several mails in one transaction (replay of stored mail).
 
     Exactly :func:`process_new` for each mail in order, with one commit for all of them: the
@@ -233,19 +259,21 @@ def process_new_batch(ingestor: Ingestor, inbounds: Sequence[InboundMail]) -> li
     mail.  If anything goes wrong, the whole batch is rolled back and run again mail by mail
     through :func:`process_new`, which quarantines the mail at fault.  The caller acknowledges
     nothing before this returns, so a crash loses nothing: a second replay finds what the first
-    committed and answers ``duplicate``.
+    committed and answers ``duplicate``.  ``prepared`` holds each mail's parse done ahead
+    (:mod:`ingest.prepare`), or None where the parse step must parse.
     """
     raws = [inbound.raw for inbound in inbounds]
+    parsed = list(prepared) if prepared is not None else [None] * len(raws)
     infos: list[TicketInfo] = []
     with ingestor.sessions() as session:
         try:
-            for inbound, raw in zip(inbounds, raws, strict=True):
-                session.add(inbound)
-                session.flush()
-                infos.append(_process_in(session, inbound, raw, ingestor)[0])
+            spool.insert_records(session, inbounds)
+            for inbound, raw, mail in zip(inbounds, raws, parsed, strict=True):
+                infos.append(_process_in(session, inbound, raw, ingestor, prepared=mail)[0])
             session.commit()
         except Exception:  # each mail's own path below sorts it out
             session.rollback()
+            # Parsed afresh: a step may have changed the mail objects of the failed run.
             return [process_new(ingestor, _fresh_copy(inbound, raw))
                     for inbound, raw in zip(inbounds, raws, strict=True)]
     for info in infos:

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine, func, or_, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -31,7 +32,8 @@ from ingest.reference import Reference, sync_reference
 from ingest.spool import Envelope
 from ingest.ticketinfo import TicketInfo
 
-REPLAY_BATCH_SIZE = 64  # mails per commit in ingest_many: the SQLite write lock is held < 1 s
+if TYPE_CHECKING:  # not imported at run time: the listener never loads the parser
+    from ingest.parse import ParsedMail
 
 
 def _pipeline() -> ModuleType:
@@ -226,27 +228,43 @@ class Ingestor:
         return inbound
 
     def ingest_many(self, mails: Iterable[tuple[bytes, str]], mailbox_id: int,
-                    door: str = "replay", batch_size: int = REPLAY_BATCH_SIZE
+                    door: str = "replay", batch_size: int | None = None,
+                    parse_helpers: int | None = None,
                     ) -> Iterator[tuple[str, TicketInfo | RecordedError]]:
         """:meth:`ingest` for a stream of ``(raw, source)`` mails, committed ``batch_size`` at a
         time (:func:`~ingest.pipeline.process_new_batch`).  Yields ``(source, result)`` in input
-        order once the mail's batch is committed; refused input as a :class:`RecordedError`."""
-        batch: list[tuple[str, InboundMail | RecordedError]] = []
-        for raw, source in mails:
-            try:
-                batch.append((source, self._admit(raw, mailbox_id, door, source)))
-            except RecordedError as refused:
-                batch.append((source, refused))
-            if len(batch) >= batch_size:
-                yield from self._ingest_batch(batch)
-                batch = []
-        yield from self._ingest_batch(batch)
+        order once the mail's batch is committed; refused input as a :class:`RecordedError`.
 
-    def _ingest_batch(self, batch: list[tuple[str, InboundMail | RecordedError]]
+        A long stream is parsed ahead by ``parse_helpers`` helper processes
+        (:mod:`ingest.prepare`); both default to the ``[replay]`` settings.
+        """
+        from ingest.prepare import Preparer, default_helpers
+
+        replay = self.settings.replay
+        batch_size = batch_size or replay.batch_size
+        if parse_helpers is None:
+            parse_helpers = default_helpers() if replay.parse_helpers is None \
+                else replay.parse_helpers
+        batch: list[tuple[str, InboundMail | RecordedError, ParsedMail | None]] = []
+        with Preparer(parse_helpers, self.settings.service.max_message_bytes) as preparer:
+            for raw, source, parsed in preparer.stream(mails):
+                try:
+                    batch.append((source, self._admit(raw, mailbox_id, door, source), parsed))
+                except RecordedError as refused:
+                    batch.append((source, refused, None))
+                if len(batch) >= batch_size:
+                    yield from self._ingest_batch(batch)
+                    batch = []
+            yield from self._ingest_batch(batch)
+
+    def _ingest_batch(self, batch: list[tuple[str, InboundMail | RecordedError, ParsedMail | None]]
                       ) -> Iterator[tuple[str, TicketInfo | RecordedError]]:
-        pending = [entry for _source, entry in batch if isinstance(entry, InboundMail)]
-        infos = iter(_pipeline().process_new_batch(self, pending) if pending else [])
-        for source, entry in batch:
+        pending = [(entry, parsed) for _source, entry, parsed in batch
+                   if isinstance(entry, InboundMail)]
+        infos = iter(_pipeline().process_new_batch(
+            self, [entry for entry, _ in pending], [parsed for _, parsed in pending])
+            if pending else [])
+        for source, entry, _parsed in batch:
             yield source, (next(infos) if isinstance(entry, InboundMail) else entry)
 
     def _record_refusal(self, inbound: InboundMail, reason: str) -> TicketInfo:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
 from email.policy import compat32
@@ -28,6 +29,7 @@ MAX_KEY_MESSAGE_ID = 250
 # allows "Subject  :"), then the colon.
 # The inbound columns a new record can carry (the id comes back from the INSERT).
 _SPOOLED_COLUMNS = tuple(c.key for c in InboundMail.__table__.columns if c.key != "id")
+_INSERT_RETURNING_ID = insert(InboundMail).returning(InboundMail.id, sort_by_parameter_order=True)
 _HEADER_LINE = re.compile(rb"^[\x21-\x39\x3b-\x7e]+[ \t]*:")
 
 
@@ -105,6 +107,7 @@ def new_inbound(
         envelope_to=list(envelope.rcpt_to),
         client_ip=envelope.client_ip,
         helo=envelope.helo,
+        received_at=utcnow(),
         arrived_at=arrival(envelope.arrived_at),
         state="received",
         trace=[],
@@ -126,24 +129,30 @@ def store(session: Session, inbound: InboundMail) -> int:
     return inbound.id
 
 
-def store_all(session: Session, records: list[InboundMail]) -> None:
-    """Commit all records in one transaction, or none of them; their ids are set on them.
+def insert_records(session: Session, records: Sequence[InboundMail]) -> None:
+    """INSERT the records in the session's transaction, uncommitted; their ids are set on them.
 
-    One multi-row INSERT ... RETURNING, not the ORM's unit of work: this runs before every SMTP
-    ``250``, where the ORM's bookkeeping was a quarter of the listener's time per mail.  The
-    records stay outside the session.
+    One multi-row INSERT ... RETURNING on the session's connection, not the ORM's unit of work:
+    this runs before every SMTP ``250``, where the ORM's bookkeeping was a quarter of the
+    listener's time per mail.  The records stay outside the session; the pipeline writes their
+    final state with one UPDATE (:func:`ingest.pipeline.record_outcome`).
     """
     if not records:
         return
     rows = [{key: getattr(record, key) for key in _SPOOLED_COLUMNS if key in vars(record)}
             for record in records]
+    ids = session.connection().execute(_INSERT_RETURNING_ID, rows).scalars().all()
+    for record, inbound_id in zip(records, ids, strict=True):
+        record.id = inbound_id
+
+
+def store_all(session: Session, records: list[InboundMail]) -> None:
+    """Commit all records in one transaction, or none of them; their ids are set on them."""
+    if not records:
+        return
     try:
-        ids = session.execute(
-            insert(InboundMail).returning(InboundMail.id, sort_by_parameter_order=True), rows
-        ).scalars().all()
+        insert_records(session, records)
         session.commit()
-        for record, inbound_id in zip(records, ids, strict=True):
-            record.id = inbound_id
     except (SQLAlchemyError, UnicodeError, ValueError) as exc:
         # Also the driver's refusal of unstorable text (e.g. surrogates from a bad HELO): the
         # caller must see one error type and answer "try later", never a crash.

@@ -18,12 +18,15 @@ def is_empty(mail: ParsedMail) -> bool:
 
 
 def parse(ctx: MailContext) -> Outcome | None:
-    try:
-        mail = parse_mail(ctx.raw)
-    except MailLimitExceeded as exc:  # hostile input: a clear, permanent answer
-        reason = f"over a parser limit: {exc}"
-        ctx.trace.add("parse", reason)
-        return Outcome("rejected", reason)
+    if ctx.prepared is not None:  # parsed ahead by a replay helper (ingest.prepare)
+        mail = ctx.prepared
+    else:
+        try:
+            mail = parse_mail(ctx.raw)
+        except MailLimitExceeded as exc:  # hostile input: a clear, permanent answer
+            reason = f"over a parser limit: {exc}"
+            ctx.trace.add("parse", reason)
+            return Outcome("rejected", reason)
     ctx.parsed = mail
     if is_empty(mail):
         reason = "empty message: no header besides trace fields and no body"
@@ -42,5 +45,6 @@ def parse(ctx: MailContext) -> Outcome | None:
         subject=mail.subject[:200],
         message_id=mail.message_id,
         defects=len(mail.defects),
+        **({"helper": True} if ctx.prepared is not None else {}),
     )
     return None

@@ -6,11 +6,14 @@ import re
 from collections.abc import Mapping
 from email.utils import parseaddr
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session, joinedload
 
 from ingest.context import MailContext, Outcome
 from ingest.models import Contact, ContactDomain, Person
+
+_PERSON_BY_EMAIL = (  # built once: see ingest.steps.dedupe
+    select(Person).options(joinedload(Person.contact)).where(Person.email == bindparam("email")))
 
 
 def normalize_address(address: str) -> str:
@@ -58,8 +61,7 @@ def find_or_create_person(
     session: Session, address: str, display: str, create: bool,
     known_domains: Mapping[str, int] | None = None,
 ) -> tuple[Person | None, bool]:
-    person = session.scalar(
-        select(Person).options(joinedload(Person.contact)).where(Person.email == address))
+    person = session.scalar(_PERSON_BY_EMAIL, {"email": address})
     if person is not None or not create or "@" not in address:
         return person, False
     first, last = split_name(display, address)

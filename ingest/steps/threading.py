@@ -10,7 +10,7 @@ tag and RT on tag alone; osTicket's collaborator check is the model here.
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
 from ingest.context import MailContext, Outcome
 from ingest.errors import ParentPending
@@ -21,15 +21,19 @@ from ingest.tokens import tagged_ticket_ids, ticket_from_message_id, ticket_numb
 HEADER_EVIDENCE = ("in-reply-to", "references", "message-id-token", "bounced-message")
 EVIDENCE_ORDER = (*HEADER_EVIDENCE, "subject-tag", "ticket-number")
 MAX_REFERENCES = 50
+# Built once (SQLAlchemy's cache key of a statement built per call cost more than running it).
+_TICKETS_BY_MESSAGE_ID = select(Message.message_id, Message.ticket_id).where(
+    Message.message_id.in_(bindparam("ids", expanding=True)))
+_EXISTING_TICKETS = select(Ticket.id).where(Ticket.id.in_(bindparam("ids", expanding=True)))
+_TICKETS_BY_NUMBER = select(Ticket.id).where(
+    Ticket.ticket_number.in_(bindparam("numbers", expanding=True)))
 
 
 def _tickets_by_message_ids(ctx: MailContext, ids: list[str]) -> dict[str, int]:
     ids = list(dict.fromkeys(i for i in ids if i))[:MAX_REFERENCES]
     if not ids:
         return {}
-    rows = ctx.session.execute(
-        select(Message.message_id, Message.ticket_id).where(Message.message_id.in_(ids))
-    ).all()
+    rows = ctx.session.execute(_TICKETS_BY_MESSAGE_ID, {"ids": ids}).all()
     return {mid: tid for mid, tid in rows}
 
 
@@ -62,12 +66,12 @@ def _subject_candidates(ctx: MailContext) -> dict[str, list[int]]:
     found: dict[str, list[int]] = {}
     tagged = tagged_ticket_ids(subject, ctx.settings.service.subject_tag)
     if tagged:
-        existing = ctx.session.scalars(select(Ticket.id).where(Ticket.id.in_(tagged))).all()
+        existing = ctx.session.scalars(_EXISTING_TICKETS, {"ids": list(tagged)}).all()
         if existing:
             found["subject-tag"] = [t for t in tagged if t in set(existing)]
     numbers = ticket_numbers(subject)
     if numbers:
-        ids = ctx.session.scalars(select(Ticket.id).where(Ticket.ticket_number.in_(numbers))).all()
+        ids = ctx.session.scalars(_TICKETS_BY_NUMBER, {"numbers": list(numbers)}).all()
         if ids:
             found["ticket-number"] = list(ids)
     return found

@@ -1,0 +1,198 @@
+"""Parse replayed mail in helper processes while the main process writes the tickets.
+
+Parsing and visible-reply extraction need nothing but the bytes, and they were about 40% of a
+replayed mail's time.  The steps that read and write the database must run one mail after the
+other in one process (a reply needs its parent's ticket), so a replay used one core of several.
+Here helper processes parse ahead of the main process, in input order, and the main process
+takes each :class:`~ingest.parse.ParsedMail` from them instead of parsing it again.
+
+Two rules keep this invisible to the result:
+
+* a helper only ever returns a parsed mail or ``None``; whatever goes wrong there (a hostile
+  mail over a parser limit, a crash, a result that does not pickle) is left to the main process,
+  which parses the mail itself and meets the error on the ordinary path (rejected, quarantined,
+  recorded), exactly as without helpers;
+* the main process never idles on a helper: a chunk no helper has started yet is taken back and
+  parsed in the main process.  So a one-file replay does not wait for helpers to start, and when
+  the helpers fall behind (big mails, slow parsing) the main process parses too.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import pickle
+import sys
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+from ingest.parse import ParsedMail, parse_mail
+from ingest.reply import visible_reply
+
+log = logging.getLogger("ticketgate.prepare")
+
+CHUNK_MAILS = 16  # mails per hand-off: one round trip to a helper costs ~0.1 ms
+CHUNK_BYTES = 4 * 1024 * 1024  # ... or fewer when they are large
+CHUNKS_PER_HELPER = 4  # chunks in flight per helper: bounds the memory held ahead
+MAX_HELPERS = 4  # past this the main process's database work is the limit anyway
+START_AFTER = 128  # mails a replay runs before helpers are started
+
+Item = tuple[bytes, str]
+
+
+def default_helpers() -> int:
+    """One helper per core but the one the main process uses."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(0, min(MAX_HELPERS, (cores or 1) - 1))
+
+
+def _start_method() -> multiprocessing.context.BaseContext:
+    """``fork`` on Linux: the helper starts in milliseconds with the parser already imported,
+    and it never re-runs the caller's ``__main__`` (``spawn`` does, in a script without a main
+    guard).  A helper only parses and leaves with ``os._exit``: the database connections it
+    inherits are never touched.  Elsewhere ``spawn``."""
+    method = "fork" if sys.platform == "linux" else "spawn"
+    return multiprocessing.get_context(method)
+
+
+def prepare(raw: bytes, max_bytes: int) -> ParsedMail | None:
+    """The parse step's work and the visible reply, or None to leave the mail to the pipeline."""
+    if len(raw) > max_bytes:  # the pipeline rejects it before parsing
+        return None
+    try:
+        mail = parse_mail(raw)
+        mail.visible_text = visible_reply(mail.text)
+    except Exception:  # the main process parses again and records the error
+        return None
+    return mail
+
+
+def _prepare_chunk(raws: list[bytes], max_bytes: int) -> list[bytes | None]:
+    """Run in a helper: each result pickled on its own, so one bad mail spoils no other."""
+    results: list[bytes | None] = []
+    for raw in raws:
+        mail = prepare(raw, max_bytes)
+        try:
+            results.append(pickle.dumps(mail, protocol=pickle.HIGHEST_PROTOCOL) if mail else None)
+        except Exception:  # e.g. recursion on a pathological MIME tree
+            results.append(None)
+    return results
+
+
+def _unpickle(blob: bytes | None) -> ParsedMail | None:
+    if blob is None:
+        return None
+    try:
+        mail = pickle.loads(blob)
+    except Exception:  # the main process parses it itself
+        return None
+    return mail if isinstance(mail, ParsedMail) else None
+
+
+class Preparer:
+    """A pool of helper processes that parse a stream of mails ahead of the caller.
+
+    The helpers start only once the stream has yielded ``start_after`` mails: a short replay
+    is over before a fresh interpreter has imported the parser.  Until the first helper result
+    is in, the caller parses for itself.
+    """
+
+    def __init__(self, helpers: int, max_bytes: int, start_after: int = START_AFTER) -> None:
+        self.helpers = helpers
+        self.max_bytes = max_bytes
+        self.start_after = start_after
+        self._pool: ProcessPoolExecutor | None = None
+        self._warm = False  # a helper has returned a result: waiting on one is worth it
+        self.prepared = 0  # mails a helper parsed
+        self.in_process = 0  # mails left to the caller (helpers not started, busy or failed)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+            log.info("parse helpers: %d mails parsed ahead, %d in-process",
+                     self.prepared, self.in_process)
+
+    def __enter__(self) -> Preparer:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def stream(self, items: Iterable[Item]) -> Iterator[tuple[bytes, str, ParsedMail | None]]:
+        """Yield ``(raw, source, parsed or None)`` in input order; None: parse it yourself."""
+        mails = iter(items)
+        if self.helpers <= 0:
+            yield from self._unprepared(mails)
+            return
+        for seen, (raw, source) in enumerate(mails, start=1):
+            self.in_process += 1
+            yield raw, source, None
+            if seen >= self.start_after:
+                break
+        else:
+            return  # the whole stream was short
+        try:
+            self._pool = ProcessPoolExecutor(self.helpers, mp_context=_start_method())
+        except (OSError, ValueError) as exc:
+            log.warning("parse helpers unavailable, parsing in-process: %s", exc)
+            yield from self._unprepared(mails)
+            return
+        window: deque[tuple[list[Item], Future[list[bytes | None]]]] = deque()
+        chunks = _chunks(mails)
+        for chunk in chunks:
+            try:
+                future = self._pool.submit(_prepare_chunk, [raw for raw, _ in chunk],
+                                           self.max_bytes)
+            except (BrokenProcessPool, RuntimeError) as exc:
+                log.warning("parse helpers gone, parsing in-process: %s", exc)
+                while window:
+                    yield from self._take(*window.popleft())
+                yield from self._unprepared(iter(chunk))
+                yield from self._unprepared(mail for rest in chunks for mail in rest)
+                return
+            window.append((chunk, future))
+            if len(window) >= self.helpers * CHUNKS_PER_HELPER:
+                yield from self._take(*window.popleft())
+        while window:
+            yield from self._take(*window.popleft())
+
+    def _unprepared(self, mails: Iterator[Item]) -> Iterator[tuple[bytes, str, None]]:
+        for raw, source in mails:
+            self.in_process += 1
+            yield raw, source, None
+
+    def _take(self, chunk: list[Item], future: Future[list[bytes | None]]
+              ) -> Iterator[tuple[bytes, str, ParsedMail | None]]:
+        if not future.done() and (not self._warm or future.cancel()):
+            # Helpers still starting, or this chunk not begun: the caller parses it rather
+            # than wait (a started chunk's result is then simply not used).
+            future.cancel()
+            yield from self._unprepared(iter(chunk))
+            return
+        try:
+            blobs = future.result()
+        except (CancelledError, Exception) as exc:  # a helper died, say
+            log.warning("a parse helper failed, parsing %d mails in-process: %s", len(chunk), exc)
+            yield from self._unprepared(iter(chunk))
+            return
+        self._warm = True
+        self.prepared += len(chunk)
+        for (raw, source), blob in zip(chunk, blobs, strict=True):
+            yield raw, source, _unpickle(blob)
+
+
+def _chunks(items: Iterable[Item]) -> Iterator[list[Item]]:
+    chunk: list[Item] = []
+    size = 0
+    for raw, source in items:
+        chunk.append((raw, source))
+        size += len(raw)
+        if len(chunk) >= CHUNK_MAILS or size >= CHUNK_BYTES:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
