@@ -100,10 +100,10 @@ class Preparer:
     is in, the caller parses for itself.
     """
 
-    def __init__(self, helpers: int, max_bytes: int, start_after: int = START_AFTER) -> None:
+    def __init__(self, helpers: int, max_bytes: int, start_after: int | None = None) -> None:
         self.helpers = helpers
         self.max_bytes = max_bytes
-        self.start_after = start_after
+        self.start_after = START_AFTER if start_after is None else start_after
         self._pool: ProcessPoolExecutor | None = None
         self._warm = False  # a helper has returned a result: waiting on one is worth it
         self.prepared = 0  # mails a helper parsed

@@ -16,6 +16,7 @@ import datetime as dt
 from sqlalchemy import bindparam, insert, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from ingest.context import MailContext, Outcome
 from ingest.models import (
@@ -47,6 +48,11 @@ _INSERT_TICKET = insert(Ticket).returning(Ticket.id)
 _INSERT_MESSAGE = insert(Message).returning(Message.id)
 _INSERT_ATTACHMENT = insert(Attachment)
 _INSERT_SECONDARY = insert(TicketSecondaryPerson)
+_COUNT_MESSAGE = (
+    update(Ticket).where(Ticket.id == bindparam("ticket"))
+    .values(num_messages=Ticket.num_messages + 1, last_changed=bindparam("now"))
+)
+_COUNT_MESSAGE_WITH_ATTACHMENT = _COUNT_MESSAGE.values(has_attachment=True)
 
 
 def allocate_ticket_number(session: Session, now: dt.datetime) -> str:
@@ -156,6 +162,18 @@ def _add_secondary_persons(ctx: MailContext, ticket: Ticket, new: bool) -> None:
         ctx.session.connection().execute(_INSERT_SECONDARY, rows)
 
 
+def _count_message(ctx: MailContext, ticket: Ticket, has_attachment: bool, now: dt.datetime
+                   ) -> None:
+    """The appended-to ticket's counters, incremented in the database (two workers appending
+    at once both count), and the loaded ticket given the same values."""
+    statement = _COUNT_MESSAGE_WITH_ATTACHMENT if has_attachment else _COUNT_MESSAGE
+    ctx.session.connection().execute(statement, {"ticket": ticket.id, "now": now})
+    set_committed_value(ticket, "num_messages", (ticket.num_messages or 0) + 1)
+    set_committed_value(ticket, "last_changed", now)
+    if has_attachment:
+        set_committed_value(ticket, "has_attachment", True)
+
+
 def store_ticket(ctx: MailContext, ref: Reference) -> Outcome:
     mail = ctx.mail
     now = utcnow()
@@ -213,9 +231,7 @@ def store_ticket(ctx: MailContext, ref: Reference) -> Outcome:
             for part in mail.attachments
         ])
     if action == "appended":  # a new ticket was written with these already
-        ticket.num_messages = (ticket.num_messages or 0) + 1
-        ticket.has_attachment = bool(ticket.has_attachment or mail.attachments)
-        ticket.last_changed = now
+        _count_message(ctx, ticket, has_attachment=bool(mail.attachments), now=now)
     if ctx.secondary_persons and not ctx.classification.is_automatic:
         _add_secondary_persons(ctx, ticket, new=action == "created")
     ctx.message_row_id = message_id
