@@ -69,6 +69,29 @@ class Trace:
         self.lines.append(line)
 
 
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """The inbound record that owns the result for an idempotency key (see ingest.spool)."""
+
+    inbound_id: int
+    state: str
+    result: dict[str, Any] | None
+
+
+@dataclass(slots=True)
+class BatchState:
+    """What the mails of one replay batch (one transaction) share, to save round trips.
+
+    ``claims``: the idempotency claims already stored for the batch's keys, read with one query,
+    plus those the batch's own mails take as they are processed (a duplicate inside the batch
+    finds its first delivery here).  ``final_states``: each mail's final inbound state, written
+    with one ``UPDATE`` for all before the commit.
+    """
+
+    claims: dict[str, Claim] = field(default_factory=dict)
+    final_states: list[dict[str, Any]] = field(default_factory=list)
+
+
 @dataclass(slots=True)
 class MailContext:
     session: Session
@@ -100,6 +123,7 @@ class MailContext:
     # step takes it instead of parsing again.  None: parse here.
     prepared: ParsedMail | None = None
     message_row_id: int | None = None  # the stored message's id, once the store step wrote it
+    batch: BatchState | None = None  # set when the mail is one of a replay batch
 
     @property
     def replayed_hold(self) -> str | None:

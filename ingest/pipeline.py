@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, undefer
 from sqlalchemy.orm.attributes import set_committed_value
 
 from ingest import spool
-from ingest.context import MailContext, Outcome, Trace
+from ingest.context import BatchState, Claim, MailContext, Outcome, Trace
 from ingest.errors import AttemptsExhausted, InboundNotFound, ParentPending, TransientError
 from ingest.models import FINAL_STATES, InboundMail, utcnow
 from ingest.parse import ParsedMail
@@ -37,7 +37,7 @@ from ingest.steps.authenticate import authenticate
 from ingest.steps.automail import stop_unreferenced_automatic_mail
 from ingest.steps.circuit_breaker import circuit_breaker
 from ingest.steps.classify import classify
-from ingest.steps.dedupe import drop_duplicate
+from ingest.steps.dedupe import drop_duplicate, read_claims
 from ingest.steps.limits import enforce_size
 from ingest.steps.parsing import parse
 from ingest.steps.routing import route
@@ -129,15 +129,21 @@ def record_outcome(ctx: MailContext, outcome: Outcome, ingestor: Ingestor) -> Ti
         processed_at=utcnow(),
         attempts=max(inbound.attempts or 0, 1),
     )
-    ctx.session.connection().execute(_FINAL_STATE, {"inbound": inbound.id, **final})
+    if ctx.batch is None:
+        ctx.session.connection().execute(_FINAL_STATE, {"inbound": inbound.id, **final})
+    else:  # written with the batch's others (process_new_batch); its claim counts from now on
+        ctx.batch.final_states.append({"inbound": inbound.id, **final})
+        if final["dedupe_claim"] is not None:
+            ctx.batch.claims[final["dedupe_claim"]] = Claim(inbound.id, outcome.action,
+                                                            final["result"])
     for key, value in final.items():
         set_committed_value(inbound, key, value)
     return info
 
 
 def _process_in(session: Session, inbound: InboundMail, raw: bytes, ingestor: Ingestor,
-                can_defer: bool = False, prepared: ParsedMail | None = None
-                ) -> tuple[TicketInfo, MailContext]:
+                can_defer: bool = False, prepared: ParsedMail | None = None,
+                batch: BatchState | None = None) -> tuple[TicketInfo, MailContext]:
     ctx = MailContext(
         session=session,
         settings=ingestor.settings,
@@ -147,6 +153,7 @@ def _process_in(session: Session, inbound: InboundMail, raw: bytes, ingestor: In
         can_defer=can_defer,
         reference=ingestor.reference,
         prepared=prepared,
+        batch=batch,
     )
     try:
         outcome = run_steps(ctx, ingestor)
@@ -268,8 +275,13 @@ def process_new_batch(ingestor: Ingestor, inbounds: Sequence[InboundMail],
     with ingestor.sessions() as session:
         try:
             spool.insert_records(session, inbounds)
+            batch = BatchState(claims=read_claims(session, list(
+                {dedupe_claim(i.mailbox_id, i.idempotency_key) for i in inbounds})))
             for inbound, raw, mail in zip(inbounds, raws, parsed, strict=True):
-                infos.append(_process_in(session, inbound, raw, ingestor, prepared=mail)[0])
+                infos.append(_process_in(session, inbound, raw, ingestor, prepared=mail,
+                                         batch=batch)[0])
+            if batch.final_states:
+                session.connection().execute(_FINAL_STATE, batch.final_states)
             session.commit()
         except Exception:  # each mail's own path below sorts it out
             session.rollback()

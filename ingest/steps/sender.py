@@ -57,11 +57,29 @@ def split_name(display: str, address: str) -> tuple[str, str]:
     return (first, last) if first else (last, "")
 
 
+def _persons_seen(session: Session) -> dict[str, Person]:
+    """Persons found or created in the session's current transaction, by address.
+
+    A replay batch is one transaction: a sender or colleague who writes twice in it is looked
+    up once.  Tied to the transaction, so a rolled-back creation is never handed out again.
+    """
+    transaction = session.get_transaction()
+    cached = session.info.get("persons_seen")
+    if cached is None or cached[0] is not transaction:
+        cached = session.info["persons_seen"] = (transaction, {})
+    return cached[1]
+
+
 def find_or_create_person(
     session: Session, address: str, display: str, create: bool,
     known_domains: Mapping[str, int] | None = None,
 ) -> tuple[Person | None, bool]:
-    person = session.scalar(_PERSON_BY_EMAIL, {"email": address})
+    seen = _persons_seen(session)
+    person = seen.get(address)
+    if person is None:
+        person = session.scalar(_PERSON_BY_EMAIL, {"email": address})
+        if person is not None:
+            seen[address] = person
     if person is not None or not create or "@" not in address:
         return person, False
     first, last = split_name(display, address)
@@ -76,6 +94,7 @@ def find_or_create_person(
     person.contact = contact
     session.add(person)
     session.flush()
+    seen[address] = person
     return person, True
 
 
