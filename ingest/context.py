@@ -85,11 +85,13 @@ class BatchState:
     ``claims``: the idempotency claims already stored for the batch's keys, read with one query,
     plus those the batch's own mails take as they are processed (a duplicate inside the batch
     finds its first delivery here).  ``final_states``: each mail's final inbound state, written
-    with one ``UPDATE`` for all before the commit.
+    with one ``UPDATE`` for all before the commit; ``ticket_counts`` likewise.
     """
 
     claims: dict[str, Claim] = field(default_factory=dict)
     final_states: list[dict[str, Any]] = field(default_factory=list)
+    # Appended-to ticket id -> its message count increment (ingest.steps.store).
+    ticket_counts: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

@@ -42,7 +42,7 @@ from ingest.steps.limits import enforce_size
 from ingest.steps.parsing import parse
 from ingest.steps.routing import route
 from ingest.steps.sender import identify_sender
-from ingest.steps.store import store_ticket
+from ingest.steps.store import store_ticket, write_ticket_counts
 from ingest.steps.threading import find_ticket
 from ingest.ticketinfo import TicketInfo, ticket_info
 
@@ -280,6 +280,7 @@ def process_new_batch(ingestor: Ingestor, inbounds: Sequence[InboundMail],
             for inbound, raw, mail in zip(inbounds, raws, parsed, strict=True):
                 infos.append(_process_in(session, inbound, raw, ingestor, prepared=mail,
                                          batch=batch)[0])
+            write_ticket_counts(session, batch)
             if batch.final_states:
                 session.connection().execute(_FINAL_STATE, batch.final_states)
             session.commit()

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import bindparam, insert, update
+from sqlalchemy import Boolean, bindparam, insert, or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
-from ingest.context import MailContext, Outcome
+from ingest.context import BatchState, MailContext, Outcome
 from ingest.models import (
     Attachment,
     Message,
@@ -48,11 +48,12 @@ _INSERT_TICKET = insert(Ticket).returning(Ticket.id)
 _INSERT_MESSAGE = insert(Message).returning(Message.id)
 _INSERT_ATTACHMENT = insert(Attachment)
 _INSERT_SECONDARY = insert(TicketSecondaryPerson)
-_COUNT_MESSAGE = (
+_COUNT_MESSAGES = (
     update(Ticket).where(Ticket.id == bindparam("ticket"))
-    .values(num_messages=Ticket.num_messages + 1, last_changed=bindparam("now"))
+    .values(num_messages=Ticket.num_messages + bindparam("added"),
+            last_changed=bindparam("now"),
+            has_attachment=or_(Ticket.has_attachment, bindparam("with_attachment", type_=Boolean)))
 )
-_COUNT_MESSAGE_WITH_ATTACHMENT = _COUNT_MESSAGE.values(has_attachment=True)
 
 
 def allocate_ticket_number(session: Session, now: dt.datetime) -> str:
@@ -165,13 +166,29 @@ def _add_secondary_persons(ctx: MailContext, ticket: Ticket, new: bool) -> None:
 def _count_message(ctx: MailContext, ticket: Ticket, has_attachment: bool, now: dt.datetime
                    ) -> None:
     """The appended-to ticket's counters, incremented in the database (two workers appending
-    at once both count), and the loaded ticket given the same values."""
-    statement = _COUNT_MESSAGE_WITH_ATTACHMENT if has_attachment else _COUNT_MESSAGE
-    ctx.session.connection().execute(statement, {"ticket": ticket.id, "now": now})
+    at once both count), and the loaded ticket given the same values.  In a replay batch the
+    increments are summed per ticket and written with the batch (:func:`write_ticket_counts`).
+    """
+    if ctx.batch is None:
+        ctx.session.connection().execute(_COUNT_MESSAGES, {
+            "ticket": ticket.id, "added": 1, "now": now, "with_attachment": has_attachment})
+    else:
+        counts = ctx.batch.ticket_counts.setdefault(
+            ticket.id, {"ticket": ticket.id, "added": 0, "now": now, "with_attachment": False})
+        counts["added"] += 1
+        counts["now"] = now
+        counts["with_attachment"] = counts["with_attachment"] or has_attachment
     set_committed_value(ticket, "num_messages", (ticket.num_messages or 0) + 1)
     set_committed_value(ticket, "last_changed", now)
     if has_attachment:
         set_committed_value(ticket, "has_attachment", True)
+
+
+def write_ticket_counts(session: Session, batch: BatchState) -> None:
+    """A replay batch's message counts, one statement for all its appended-to tickets."""
+    if batch.ticket_counts:
+        session.connection().execute(_COUNT_MESSAGES, list(batch.ticket_counts.values()))
+        batch.ticket_counts.clear()
 
 
 def store_ticket(ctx: MailContext, ref: Reference) -> Outcome:
