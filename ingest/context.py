@@ -85,13 +85,19 @@ class BatchState:
     ``claims``: the idempotency claims already stored for the batch's keys, read with one query,
     plus those the batch's own mails take as they are processed (a duplicate inside the batch
     finds its first delivery here).  ``final_states``: each mail's final inbound state, written
-    with one ``UPDATE`` for all before the commit; ``ticket_counts`` likewise.
+    with one ``UPDATE`` for all before the commit; ``ticket_counts`` likewise.  The persons the
+    batch's mails name are read ahead into the transaction's person cache
+    (:func:`ingest.steps.sender.read_persons`).
     """
 
     claims: dict[str, Claim] = field(default_factory=dict)
     final_states: list[dict[str, Any]] = field(default_factory=list)
     # Appended-to ticket id -> its message count increment (ingest.steps.store).
     ticket_counts: dict[int, dict[str, Any]] = field(default_factory=dict)
+    # Message-ID -> ticket id for the ids the batch's mails refer to, read with one query, and
+    # the batch's own stored messages as they are written (ingest.steps.threading, .store).
+    message_tickets: dict[str, int] = field(default_factory=dict)
+    message_ids_read: set[str] = field(default_factory=set)
 
 
 @dataclass(slots=True)

@@ -41,9 +41,9 @@ from ingest.steps.dedupe import drop_duplicate, read_claims
 from ingest.steps.limits import enforce_size
 from ingest.steps.parsing import parse
 from ingest.steps.routing import route
-from ingest.steps.sender import identify_sender
+from ingest.steps.sender import identify_sender, read_persons
 from ingest.steps.store import store_ticket, write_ticket_counts
-from ingest.steps.threading import find_ticket
+from ingest.steps.threading import find_ticket, read_message_tickets, referenced_ids
 from ingest.ticketinfo import TicketInfo, ticket_info
 
 if TYPE_CHECKING:
@@ -277,6 +277,10 @@ def process_new_batch(ingestor: Ingestor, inbounds: Sequence[InboundMail],
             spool.insert_records(session, inbounds)
             batch = BatchState(claims=read_claims(session, list(
                 {dedupe_claim(i.mailbox_id, i.idempotency_key) for i in inbounds})))
+            # What the mails parsed ahead will look up, read in one query each.
+            ready = [mail for mail in parsed if mail is not None]
+            read_message_tickets(session, batch, (i for m in ready for i in referenced_ids(m)))
+            read_persons(session, ready)
             for inbound, raw, mail in zip(inbounds, raws, parsed, strict=True):
                 infos.append(_process_in(session, inbound, raw, ingestor, prepared=mail,
                                          batch=batch)[0])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from email.utils import parseaddr
 
 from sqlalchemy import bindparam, select
@@ -11,9 +11,12 @@ from sqlalchemy.orm import Session, joinedload
 
 from ingest.context import MailContext, Outcome
 from ingest.models import Contact, ContactDomain, Person
+from ingest.parse import ParsedMail
 
 _PERSON_BY_EMAIL = (  # built once: see ingest.steps.dedupe
     select(Person).options(joinedload(Person.contact)).where(Person.email == bindparam("email")))
+_PERSONS_BY_EMAIL = select(Person).options(joinedload(Person.contact)).where(
+    Person.email.in_(bindparam("emails", expanding=True)))
 
 
 def normalize_address(address: str) -> str:
@@ -57,8 +60,9 @@ def split_name(display: str, address: str) -> tuple[str, str]:
     return (first, last) if first else (last, "")
 
 
-def _persons_seen(session: Session) -> dict[str, Person]:
-    """Persons found or created in the session's current transaction, by address.
+def _persons_seen(session: Session) -> dict[str, Person | None]:
+    """Persons found or created in the session's current transaction, by address; None for an
+    address read and not found (:func:`read_persons`).
 
     A replay batch is one transaction: a sender or colleague who writes twice in it is looked
     up once.  Tied to the transaction, so a rolled-back creation is never handed out again.
@@ -70,13 +74,31 @@ def _persons_seen(session: Session) -> dict[str, Person]:
     return cached[1]
 
 
+def read_persons(session: Session, mails: Iterable[ParsedMail]) -> None:
+    """Read the persons a replay batch's mails name (From, Reply-To, To, Cc) with one query,
+    into the transaction's person cache, absent ones included."""
+    seen = _persons_seen(session)
+    wanted = list(dict.fromkeys(
+        address for mail in mails
+        for address in (normalize_address(raw) for _name, raw in
+                        [("", mail.from_address), *mail.reply_to, *mail.to, *mail.cc])
+        if "@" in address and address not in seen))
+    for start in range(0, len(wanted), 500):
+        chunk = wanted[start:start + 500]
+        found = {person.email: person
+                 for person in session.scalars(_PERSONS_BY_EMAIL, {"emails": chunk})}
+        for address in chunk:
+            seen[address] = found.get(address)
+
+
 def find_or_create_person(
     session: Session, address: str, display: str, create: bool,
     known_domains: Mapping[str, int] | None = None,
 ) -> tuple[Person | None, bool]:
     seen = _persons_seen(session)
-    person = seen.get(address)
-    if person is None:
+    if address in seen:
+        person = seen[address]
+    else:
         person = session.scalar(_PERSON_BY_EMAIL, {"email": address})
         if person is not None:
             seen[address] = person

@@ -15,7 +15,7 @@ import datetime as dt
 
 from sqlalchemy import Boolean, bindparam, insert, or_, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
 
 from ingest.context import BatchState, MailContext, Outcome
@@ -114,10 +114,13 @@ def _new_ticket(ctx: MailContext, ref: Reference, now: dt.datetime) -> Ticket:
         language=None,
     )
     ticket_id = ctx.session.connection().execute(_INSERT_TICKET, row).scalar_one()
-    # The TicketInfo reads it; it is never added to the session (the row is written already).
+    # The row is written; the object joins the session as if loaded, so that a reply later in
+    # the same transaction (a replay batch) finds it in the identity map.
     ticket = Ticket(id=ticket_id, **row)
-    ticket.person = ctx.person
-    ticket.contact = ctx.contact
+    make_transient_to_detached(ticket)
+    ctx.session.add(ticket)
+    set_committed_value(ticket, "person", ctx.person)
+    set_committed_value(ticket, "contact", ctx.contact)
     return ticket
 
 
@@ -232,6 +235,9 @@ def store_ticket(ctx: MailContext, ref: Reference) -> Outcome:
     )
     connection = ctx.session.connection()
     message_id = connection.execute(_INSERT_MESSAGE, message).scalar_one()
+    if ctx.batch is not None and mail.message_id:  # later mails of the batch may answer it
+        ctx.batch.message_tickets[mail.message_id] = ticket.id
+        ctx.batch.message_ids_read.add(mail.message_id)
     if mail.attachments:
         connection.execute(_INSERT_ATTACHMENT, [
             {

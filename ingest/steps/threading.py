@@ -10,21 +10,25 @@ tag and RT on tag alone; osTicket's collaborator check is the model here.
 
 from __future__ import annotations
 
-from sqlalchemy import bindparam, select
+from collections.abc import Iterable
 
-from ingest.context import MailContext, Outcome
+from sqlalchemy import bindparam, select
+from sqlalchemy.orm import Session
+
+from ingest.context import BatchState, MailContext, Outcome
 from ingest.errors import ParentPending
 from ingest.models import Associate, InboundMail, Message, Person, Ticket, utcnow
+from ingest.parse import ParsedMail
 from ingest.steps.sender import contact_for_domain
 from ingest.tokens import tagged_ticket_ids, ticket_from_message_id, ticket_numbers
 
 HEADER_EVIDENCE = ("in-reply-to", "references", "message-id-token", "bounced-message")
 EVIDENCE_ORDER = (*HEADER_EVIDENCE, "subject-tag", "ticket-number")
 MAX_REFERENCES = 50
+MAX_SUBJECT_TAGS = 10  # tags looked at in one subject; a subject naming more proves nothing
 # Built once (SQLAlchemy's cache key of a statement built per call cost more than running it).
 _TICKETS_BY_MESSAGE_ID = select(Message.message_id, Message.ticket_id).where(
     Message.message_id.in_(bindparam("ids", expanding=True)))
-_EXISTING_TICKETS = select(Ticket.id).where(Ticket.id.in_(bindparam("ids", expanding=True)))
 _TICKETS_BY_NUMBER = select(Ticket.id).where(
     Ticket.ticket_number.in_(bindparam("numbers", expanding=True)))
 
@@ -33,8 +37,27 @@ def _tickets_by_message_ids(ctx: MailContext, ids: list[str]) -> dict[str, int]:
     ids = list(dict.fromkeys(i for i in ids if i))[:MAX_REFERENCES]
     if not ids:
         return {}
+    batch = ctx.batch
+    if batch is not None and batch.message_ids_read.issuperset(ids):
+        return {mid: batch.message_tickets[mid] for mid in ids if mid in batch.message_tickets}
     rows = ctx.session.execute(_TICKETS_BY_MESSAGE_ID, {"ids": ids}).all()
     return {mid: tid for mid, tid in rows}
+
+
+def referenced_ids(mail: ParsedMail) -> list[str]:
+    """The Message-IDs a mail refers to, as threading looks them up (bounces add the ids
+    quoted in their report, found by the classify step)."""
+    return list(dict.fromkeys(i for i in mail.in_reply_to + mail.references if i))
+
+
+def read_message_tickets(session: Session, batch: BatchState, ids: Iterable[str]) -> None:
+    """One query for the tickets of the Message-IDs a replay batch's mails refer to."""
+    wanted = list(dict.fromkeys(i for i in ids if i and i not in batch.message_ids_read))
+    for start in range(0, len(wanted), 500):
+        chunk = wanted[start:start + 500]
+        for mid, tid in session.execute(_TICKETS_BY_MESSAGE_ID, {"ids": chunk}):
+            batch.message_tickets[mid] = tid
+        batch.message_ids_read.update(chunk)
 
 
 def _header_candidates(ctx: MailContext) -> dict[str, list[int]]:
@@ -64,11 +87,12 @@ def _header_candidates(ctx: MailContext) -> dict[str, list[int]]:
 def _subject_candidates(ctx: MailContext) -> dict[str, list[int]]:
     subject = ctx.mail.subject
     found: dict[str, list[int]] = {}
-    tagged = tagged_ticket_ids(subject, ctx.settings.service.subject_tag)
-    if tagged:
-        existing = ctx.session.scalars(_EXISTING_TICKETS, {"ids": list(tagged)}).all()
-        if existing:
-            found["subject-tag"] = [t for t in tagged if t in set(existing)]
+    tagged = list(dict.fromkeys(tagged_ticket_ids(subject, ctx.settings.service.subject_tag)))
+    # Loaded whole, not just checked: the one chosen is needed next, and a ticket this
+    # transaction has seen comes from the session's identity map without a query.
+    existing = [t for t in tagged[:MAX_SUBJECT_TAGS] if ctx.session.get(Ticket, t) is not None]
+    if existing:
+        found["subject-tag"] = existing
     numbers = ticket_numbers(subject)
     if numbers:
         ids = ctx.session.scalars(_TICKETS_BY_NUMBER, {"numbers": list(numbers)}).all()
