@@ -19,6 +19,7 @@ Two rules keep this invisible to the result:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -38,6 +39,7 @@ CHUNK_MAILS = 16  # mails per hand-off: one round trip to a helper costs ~0.1 ms
 CHUNK_BYTES = 4 * 1024 * 1024  # ... or fewer when they are large
 CHUNKS_PER_HELPER = 4  # chunks in flight per helper: bounds the memory held ahead
 MAX_HELPERS = 4  # past this the main process's database work is the limit anyway
+HELPER_NICENESS = 10
 START_AFTER = 128  # mails a replay runs before helpers are started
 
 Item = tuple[bytes, str]
@@ -63,6 +65,13 @@ def _start_method() -> multiprocessing.context.BaseContext:
     inherits are never touched.  Elsewhere ``spawn``."""
     method = "fork" if sys.platform == "linux" else "spawn"
     return multiprocessing.get_context(method)
+
+
+def _lower_priority() -> None:
+    """Helpers yield the CPU to the writing process and the database server: those two are
+    the critical path (each mail's steps wait on a round trip), the helpers only work ahead."""
+    with contextlib.suppress(OSError):
+        os.nice(HELPER_NICENESS)
 
 
 def prepare(raw: bytes, max_bytes: int) -> ParsedMail | None:
@@ -143,7 +152,8 @@ class Preparer:
         else:
             return  # the whole stream was short
         try:
-            self._pool = ProcessPoolExecutor(self.helpers, mp_context=_start_method())
+            self._pool = ProcessPoolExecutor(self.helpers, mp_context=_start_method(),
+                                             initializer=_lower_priority)
         except (OSError, ValueError) as exc:
             log.warning("parse helpers unavailable, parsing in-process: %s", exc)
             yield from self._unprepared(mails)
