@@ -21,9 +21,9 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import bindparam, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.orm import Session, undefer
+from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from ingest import spool
@@ -67,6 +67,17 @@ STEPS: tuple[Step, ...] = (
     #                   ignored or rejected mail leaves no person behind)
 )
 MAX_KEY_RACES = 3
+_COUNT_ATTEMPT = (
+    update(InboundMail)
+    .where(InboundMail.id == bindparam("inbound"), InboundMail.state.not_in(FINAL_STATES))
+    .values(attempts=func.coalesce(InboundMail.attempts, 0) + 1)
+    .returning(InboundMail.attempts)
+)
+_EXISTS = select(InboundMail.id).where(InboundMail.id == bindparam("inbound"))
+_LOCK_RECORD = (
+    select(*InboundMail.__table__.columns)
+    .where(InboundMail.id == bindparam("inbound")).with_for_update()
+)
 _FINAL_STATE = (
     update(InboundMail)
     .where(InboundMail.id == bindparam("inbound"))
@@ -169,14 +180,21 @@ def _start_attempt(ingestor: Ingestor, inbound_id: int) -> int | None:
     """Count this processing start in its own commit, so a mail that kills or hangs its worker
     is recognised on the next delivery.  None when the record is already final."""
     with ingestor.sessions() as session:
-        inbound = session.get(InboundMail, inbound_id, with_for_update=True)
-        if inbound is None:
+        attempts = session.connection().execute(_COUNT_ATTEMPT, {"inbound": inbound_id}).scalar()
+        if attempts is not None:
+            session.commit()
+            return int(attempts)
+        if session.connection().execute(_EXISTS, {"inbound": inbound_id}).first() is None:
             raise InboundNotFound(f"no inbound mail {inbound_id}")
-        if inbound.state in FINAL_STATES:
-            return None
-        inbound.attempts = (inbound.attempts or 0) + 1
-        session.commit()
-        return inbound.attempts
+        return None  # final already
+
+
+def _locked_record(session: Session, inbound_id: int) -> InboundMail | None:
+    """The record, raw bytes included, locked for this transaction: one Core SELECT ... FOR
+    UPDATE.  The object stays outside the session; its final state is one UPDATE
+    (:func:`record_outcome`)."""
+    row = session.connection().execute(_LOCK_RECORD, {"inbound": inbound_id}).first()
+    return InboundMail(**row._mapping) if row is not None else None
 
 
 def _forget_attempt(ingestor: Ingestor, inbound_id: int) -> None:
@@ -198,8 +216,7 @@ def process_inbound(ingestor: Ingestor, inbound_id: int) -> TicketInfo:
     for _race in range(MAX_KEY_RACES):
         with ingestor.sessions() as session:
             try:
-                inbound = session.get(InboundMail, inbound_id, with_for_update=True,
-                                      options=[undefer(InboundMail.raw)])  # one SELECT, not two
+                inbound = _locked_record(session, inbound_id)
                 if inbound is None:
                     raise InboundNotFound(f"no inbound mail {inbound_id}")
                 if inbound.state in FINAL_STATES:
