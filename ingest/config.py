@@ -441,9 +441,6 @@ class WorkerSection(_Strict):
     # on whatever evidence there is).
     parent_wait_seconds: float = 300.0
     max_attempts: int = 5  # processing starts before a mail is quarantined as poison
-    # Spooled mails one task processes in one transaction: the task's own and others waiting
-    # (ingest.pipeline.process_spooled).  1: one mail per task and transaction.
-    batch_size: int = Field(default=16, ge=1, le=500)
     task_time_limit: float = 300.0  # seconds one mail may take before its worker is recycled
 
 

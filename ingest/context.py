@@ -98,7 +98,6 @@ class BatchState:
     # the batch's own stored messages as they are written (ingest.steps.threading, .store).
     message_tickets: dict[str, int] = field(default_factory=dict)
     message_ids_read: set[str] = field(default_factory=set)
-    decided: set[int] = field(default_factory=set)  # inbound ids whose final state is pending
 
 
 @dataclass(slots=True)

@@ -74,32 +74,6 @@ _COUNT_ATTEMPT = (
     .returning(InboundMail.attempts)
 )
 _EXISTS = select(InboundMail.id).where(InboundMail.id == bindparam("inbound"))
-_NEVER_STARTED = func.coalesce(InboundMail.attempts, 0) == 0
-_FIRST_ATTEMPT = (
-    update(InboundMail)
-    .where(InboundMail.id == bindparam("inbound"), InboundMail.state == "received",
-           _NEVER_STARTED)
-    .values(attempts=1)
-    .returning(InboundMail.id)
-)
-_WAITING = (  # other workers' locked records are skipped, not waited for
-    select(InboundMail.id)
-    .where(InboundMail.state == "received", _NEVER_STARTED,
-           InboundMail.id != bindparam("own"))
-    .order_by(InboundMail.id).limit(bindparam("limit"))
-    .with_for_update(skip_locked=True)
-)
-_FIRST_ATTEMPTS = (
-    update(InboundMail)
-    .where(InboundMail.id.in_(bindparam("ids", expanding=True)), _NEVER_STARTED)
-    .values(attempts=1)
-)
-_LOCK_RECEIVED = (
-    select(*InboundMail.__table__.columns)
-    .where(InboundMail.id.in_(bindparam("ids", expanding=True)), InboundMail.state == "received")
-    .order_by(InboundMail.id)
-    .with_for_update(skip_locked=True)
-)
 _LOCK_RECORD = (
     select(*InboundMail.__table__.columns)
     .where(InboundMail.id == bindparam("inbound")).with_for_update()
@@ -170,7 +144,6 @@ def record_outcome(ctx: MailContext, outcome: Outcome, ingestor: Ingestor) -> Ti
         ctx.session.connection().execute(_FINAL_STATE, {"inbound": inbound.id, **final})
     else:  # written with the batch's others (process_new_batch); its claim counts from now on
         ctx.batch.final_states.append({"inbound": inbound.id, **final})
-        ctx.batch.decided.add(inbound.id)
         if final["dedupe_claim"] is not None:
             ctx.batch.claims[final["dedupe_claim"]] = Claim(inbound.id, outcome.action,
                                                             final["result"])
@@ -268,105 +241,6 @@ def process_inbound(ingestor: Ingestor, inbound_id: int) -> TicketInfo:
                 session.rollback()
                 return quarantine(ingestor, inbound_id, exc)
     raise TransientError(f"inbound mail {inbound_id}: lost {MAX_KEY_RACES} races, retry later")
-
-
-def process_spooled(ingestor: Ingestor, inbound_id: int) -> TicketInfo:
-    """:func:`process_inbound` for a worker's task, taking along other spooled mails.
-
-    One transaction per mail made a worker spend about as long on its bookkeeping (task, row
-    lock, attempt count, commit) as on the mail.  So the task for one record also takes up to
-    ``worker.batch_size - 1`` other records still waiting (oldest first, never one another
-    worker has locked), counts a start for each of them in one commit, and processes them all
-    in one transaction, as replay does (:func:`process_new_batch`).  Their own tasks find them
-    final and return the recorded result.
-
-    What keeps this as safe as one mail per task:
-
-    * only records never started before join a batch; a record whose earlier start did not
-      finish (its worker died, maybe because of it) is processed alone, through
-      :func:`process_inbound`, so a poison mail is isolated and quarantined after
-      ``worker.max_attempts`` as before;
-    * a reply whose parent is still spooled outside the batch is left for its own task
-      (:class:`~ingest.errors.ParentPending`, raised before the mail wrote anything);
-    * any other failure rolls the batch back, and each record is processed alone.
-    """
-    size = ingestor.settings.worker.batch_size
-    claimed = _claim_batch(ingestor, inbound_id, size) if size > 1 else []
-    if not claimed:  # final already, started before, or batches off: the one-mail path
-        return process_inbound(ingestor, inbound_id)
-    results: dict[int, TicketInfo] = {}
-    deferred: list[int] = []
-    with ingestor.sessions() as session:
-        try:
-            records = [InboundMail(**row._mapping) for row in
-                       session.connection().execute(_LOCK_RECEIVED, {"ids": claimed})]
-            batch = BatchState(claims=read_claims(session, list(
-                {dedupe_claim(r.mailbox_id, r.idempotency_key) for r in records})))
-            for record in records:
-                try:
-                    info, _ctx = _process_in(session, record, record.raw, ingestor,
-                                             can_defer=True, batch=batch)
-                except ParentPending:  # nothing written for it yet: its own task retries
-                    deferred.append(record.id)
-                    continue
-                results[record.id] = info
-            write_ticket_counts(session, batch)
-            if batch.final_states:
-                session.connection().execute(_FINAL_STATE, batch.final_states)
-            session.commit()
-        except Exception as exc:  # each record alone sorts it out (quarantine, retry)
-            session.rollback()
-            log.info("batch of %d rolled back (%s); processing one by one", len(claimed), exc)
-            return _one_by_one(ingestor, claimed, inbound_id)
-    for record_id in deferred:
-        _forget_attempt(ingestor, record_id)
-    for info in results.values():
-        _log(info)
-    if inbound_id in results:
-        return results[inbound_id]
-    if inbound_id in deferred:
-        raise ParentPending(f"inbound {inbound_id} waits for its parent")
-    return _recorded_or_process(ingestor, inbound_id)  # locked by another worker meanwhile
-
-
-def _claim_batch(ingestor: Ingestor, inbound_id: int, size: int) -> list[int]:
-    """Count a processing start for the record and for up to ``size - 1`` other records that
-    were never started, in one commit; their ids in processing order, or [] when the record
-    itself is final or was started before (then it goes alone)."""
-    with ingestor.sessions() as session:
-        connection = session.connection()
-        if connection.execute(_FIRST_ATTEMPT, {"inbound": inbound_id}).first() is None:
-            session.rollback()
-            return []
-        others = list(connection.execute(_WAITING, {"own": inbound_id, "limit": size - 1})
-                      .scalars())
-        if others:
-            connection.execute(_FIRST_ATTEMPTS, {"ids": others})
-        session.commit()
-    return sorted([inbound_id, *others])  # parents (older) before their replies
-
-
-def _one_by_one(ingestor: Ingestor, claimed: list[int], inbound_id: int) -> TicketInfo:
-    result: TicketInfo | None = None
-    for record_id in claimed:
-        try:
-            info = process_inbound(ingestor, record_id)
-        except (ParentPending, TransientError):
-            if record_id == inbound_id:
-                raise
-            continue  # its own task retries it
-        if record_id == inbound_id:
-            result = info
-    assert result is not None
-    return result
-
-
-def _recorded_or_process(ingestor: Ingestor, inbound_id: int) -> TicketInfo:
-    with ingestor.sessions() as session:
-        record = _locked_record(session, inbound_id)
-        if record is not None and record.state in FINAL_STATES:
-            return TicketInfo(**record.result) if record.result else _stateless(record)
-    return process_inbound(ingestor, inbound_id)
 
 
 def process_new(ingestor: Ingestor, inbound: InboundMail) -> TicketInfo:

@@ -206,9 +206,7 @@ class Ingestor:
             return ids
 
     def process(self, inbound_id: int) -> TicketInfo:
-        """Process one spooled record (and, for a worker, others waiting: ``worker.batch_size``).
-        """
-        return _pipeline().process_spooled(self, inbound_id)
+        return _pipeline().process_inbound(self, inbound_id)
 
     def ingest(self, raw: bytes, mailbox_id: int, door: str = "replay", source: str = "",
                envelope: Envelope | None = None) -> TicketInfo:

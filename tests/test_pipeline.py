@@ -447,7 +447,6 @@ def test_reply_waits_for_its_spooled_parent(ing: Ingestor) -> None:
     """A worker that meets a reply before its parent defers it instead of splitting the thread."""
     from ingest.errors import ParentPending
 
-    ing.settings.worker.batch_size = 1  # one mail per task: the parent is not taken along
     parent = ing.receive(mail(), 1, door="smtp")
     reply = ing.receive(mail("Re: Printer broken", message_id="m2@techcorp.com",
                              In_Reply_To="<m1@techcorp.com>"), 1, door="smtp")
@@ -465,79 +464,6 @@ def test_reply_waits_for_its_spooled_parent(ing: Ingestor) -> None:
                            In_Reply_To="<never-seen@x>"), 1).Action == "created"
 
 
-def test_worker_batch_takes_waiting_mail_along_parents_first(ing: Ingestor) -> None:
-    """A task takes other spooled mails into its transaction, oldest first: the reply's task
-    processes the parent before the reply, and each record is final once, with its result."""
-    parent = ing.receive(mail(), 1, door="smtp")
-    reply = ing.receive(mail("Re: Printer broken", message_id="m2@techcorp.com",
-                             In_Reply_To="<m1@techcorp.com>"), 1, door="smtp")
-    duplicate = ing.receive(mail(), 1, door="smtp")  # the parent delivered twice
-    other = ing.receive(mail("Scanner", message_id="m3@techcorp.com"), 1, door="smtp")
-    threaded = ing.process(reply)
-    assert (threaded.Action, threaded.TicketId, threaded.ThreadedBy) == ("appended", 1,
-                                                                        "in-reply-to")
-    with ing.session() as s:
-        rows = {r.id: r for r in s.scalars(select(InboundMail))}
-        assert {i: rows[i].state for i in (parent, reply, duplicate, other)} == {
-            parent: "created", reply: "appended", duplicate: "duplicate", other: "created"}
-        assert all(rows[i].attempts == 1 for i in (parent, reply, duplicate, other))
-        assert rows[duplicate].duplicate_of_id == parent
-        assert s.get(Ticket, 1).num_messages == 2  # type: ignore[union-attr]
-    # The other records' own tasks answer with what was recorded, and change nothing.
-    assert ing.process(parent).Action == "created"
-    assert ing.process(duplicate).Action == "duplicate"
-    assert count(ing, Ticket) == 2
-
-
-def test_worker_batch_leaves_out_mail_started_before(ing: Ingestor) -> None:
-    """A record whose earlier start did not finish (its worker died, maybe because of it) never
-    joins another task's batch: it is processed alone, by its own task, so a poison mail
-    cannot take a batch down with it again."""
-    from ingest.errors import ParentPending
-
-    suspect = ing.receive(mail(), 1, door="smtp")
-    with ing.session() as s:
-        row = s.get(InboundMail, suspect)
-        assert row is not None
-        row.attempts = 1
-        s.commit()
-    reply = ing.receive(mail("Re: Printer broken", message_id="m2@techcorp.com",
-                             In_Reply_To="<m1@techcorp.com>"), 1, door="smtp")
-    with pytest.raises(ParentPending):  # its parent is the suspect, not in the batch
-        ing.process(reply)
-    with ing.session() as s:
-        assert s.get(InboundMail, suspect).state == "received"  # type: ignore[union-attr]
-        assert s.get(InboundMail, reply).attempts == 0  # type: ignore[union-attr]
-    assert ing.process(suspect).Action == "created"
-    assert ing.process(reply).Action == "appended"
-
-
-def test_failure_in_a_worker_batch_quarantines_only_its_mail(
-    ing: Ingestor, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import ingest.steps.routing as routing
-
-    good = ing.receive(mail("Printer", message_id="g1@techcorp.com"), 1, door="smtp")
-    bad = ing.receive(mail("Explode", message_id="b1@techcorp.com"), 1, door="smtp")
-    late = ing.receive(mail("Scanner", message_id="g2@techcorp.com"), 1, door="smtp")
-    real_route = routing.route
-
-    def exploding(ctx: object) -> object:
-        if ctx.mail.subject == "Explode":  # type: ignore[attr-defined]
-            raise RuntimeError("boom")
-        return real_route(ctx)  # type: ignore[arg-type]
-
-    import ingest.pipeline as pipeline
-
-    steps = tuple(exploding if step is real_route else step for step in pipeline.STEPS)
-    monkeypatch.setattr(pipeline, "STEPS", steps)
-    assert ing.process(late).Action == "created"
-    with ing.session() as s:
-        states = {r.id: r.state for r in s.scalars(select(InboundMail))}
-    assert states == {good: "created", bad: "quarantined", late: "created"}
-    assert "boom" in (ing.process(bad).Reason or "")
-
-
 def test_mail_that_keeps_killing_its_worker_is_quarantined(ing: Ingestor) -> None:
     inbound_id = ing.receive(mail(), 1, door="smtp")
     with ing.session() as s:  # as if five workers died while processing it
@@ -552,7 +478,6 @@ def test_mail_that_keeps_killing_its_worker_is_quarantined(ing: Ingestor) -> Non
 
 
 def test_sweep_hands_each_stuck_mail_off_once_per_age(ing: Ingestor) -> None:
-    ing.settings.worker.batch_size = 1  # processing `stuck` must leave `fresh` waiting
     stuck = ing.receive(mail(), 1, door="smtp")
     with ing.session() as s:
         row = s.get(InboundMail, stuck)

@@ -140,15 +140,14 @@ def _wait_for_spooled_parent(ctx: MailContext) -> None:
     waited = (utcnow() - ctx.inbound.received_at).total_seconds()
     if waited > ctx.settings.worker.parent_wait_seconds:
         return
-    decided = ctx.batch.decided if ctx.batch is not None else set()
-    parent = next((found for found in ctx.session.scalars(
+    parent = ctx.session.scalar(
         select(InboundMail.id).where(
             InboundMail.state == "received",
             InboundMail.mailbox_id == ctx.inbound.mailbox_id,
             InboundMail.header_message_id.in_(ids),
             InboundMail.id < ctx.inbound.id,
-        ).limit(len(decided) + 1)
-    ) if found not in decided), None)  # a parent processed earlier in this batch is done
+        ).limit(1)
+    )
     if parent is not None:
         ctx.trace.add("thread", f"waiting for inbound {parent}, which this mail answers")
         raise ParentPending(f"inbound {ctx.inbound.id} waits for its parent, inbound {parent}")
