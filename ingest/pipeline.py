@@ -331,7 +331,8 @@ def _fresh_copy(inbound: InboundMail, raw: bytes) -> InboundMail:
         size=inbound.size, sha256=inbound.sha256, header_message_id=inbound.header_message_id,
         idempotency_key=inbound.idempotency_key, envelope_from=inbound.envelope_from,
         envelope_to=list(inbound.envelope_to or []), client_ip=inbound.client_ip,
-        helo=inbound.helo, state="received", trace=[],
+        helo=inbound.helo, received_at=inbound.received_at, arrived_at=inbound.arrived_at,
+        state="received", trace=[],
     )
     return copy
 
