@@ -98,6 +98,11 @@ class BatchState:
     # the batch's own stored messages as they are written (ingest.steps.threading, .store).
     message_tickets: dict[str, int] = field(default_factory=dict)
     message_ids_read: set[str] = field(default_factory=set)
+    # Ticket numbers taken ahead: UTC day -> (next sequence number, last taken) (ingest.steps.
+    # store), and how many of the batch's mails are still to come (how many to take).
+    ticket_numbers: dict[str, tuple[int, int]] = field(default_factory=dict)
+    mails_left: int = 0
+    tickets: list[Any] = field(default_factory=list)  # read ahead; held for the identity map
 
 
 @dataclass(slots=True)

@@ -42,8 +42,13 @@ from ingest.steps.limits import enforce_size
 from ingest.steps.parsing import parse
 from ingest.steps.routing import route
 from ingest.steps.sender import identify_sender, read_persons
-from ingest.steps.store import store_ticket, write_ticket_counts
-from ingest.steps.threading import find_ticket, read_message_tickets, referenced_ids
+from ingest.steps.store import return_ticket_numbers, store_ticket, write_ticket_counts
+from ingest.steps.threading import (
+    find_ticket,
+    read_message_tickets,
+    read_tickets,
+    referenced_ids,
+)
 from ingest.ticketinfo import TicketInfo, ticket_info
 
 if TYPE_CHECKING:
@@ -297,10 +302,15 @@ def process_new_batch(ingestor: Ingestor, inbounds: Sequence[InboundMail],
             # What the mails parsed ahead will look up, read in one query each.
             ready = [mail for mail in parsed if mail is not None]
             read_message_tickets(session, batch, (i for m in ready for i in referenced_ids(m)))
+            read_tickets(session, batch, (m.subject for m in ready),
+                         ingestor.settings.service.subject_tag)
             read_persons(session, ready)
-            for inbound, raw, mail in zip(inbounds, raws, parsed, strict=True):
+            for left, (inbound, raw, mail) in enumerate(
+                    zip(inbounds, raws, parsed, strict=True)):
+                batch.mails_left = len(inbounds) - left
                 infos.append(_process_in(session, inbound, raw, ingestor, prepared=mail,
                                          batch=batch)[0])
+            return_ticket_numbers(session, batch)
             write_ticket_counts(session, batch)
             if batch.final_states:
                 session.connection().execute(_FINAL_STATE, batch.final_states)

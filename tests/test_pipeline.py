@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from ingest.models import InboundMail, Message, Person, Ticket
+from ingest.models import InboundMail, Message, Person, Ticket, TicketNumberCounter
 from ingest.service import Ingestor, RecordedError
 from ingest.spool import Envelope
 from ingest.tokens import outgoing_message_id
@@ -145,6 +145,26 @@ def test_new_ticket_has_seed_fields_number_deadline_and_utc(ing: Ingestor) -> No
 def test_ticket_numbers_count_up_per_day(ing: Ingestor) -> None:
     numbers = [ing.ingest(mail(message_id=f"n{i}@x"), 1).TicketNumber for i in range(3)]
     assert [n.rsplit(".", 1)[1] for n in numbers if n] == ["0001", "0002", "0003"]
+
+
+def test_replay_batches_take_ticket_numbers_without_gaps(ing: Ingestor) -> None:
+    """A replay batch takes numbers for all its mails at once and gives back the unused ones
+    before it commits: replies, duplicates and ignored mail leave no hole in the sequence."""
+    stream = []
+    for i in range(12):
+        stream.append((mail(f"Case {i}", message_id=f"c{i}@x"), f"new-{i}"))
+        stream.append((mail(f"Re: Case {i}", message_id=f"r{i}@x", In_Reply_To=f"<c{i}@x>"),
+                       f"reply-{i}"))
+        stream.append((mail(f"Case {i}", message_id=f"c{i}@x"), f"again-{i}"))
+    results = [info for _s, info in ing.ingest_many(stream, 1, batch_size=10)]
+    created = [r.TicketNumber for r in results if not isinstance(r, RecordedError)
+               and r.Action == "created"]
+    assert len(created) == 12
+    after = ing.ingest(mail("Later", message_id="later@x"), 1).TicketNumber
+    assert [n.rsplit(".", 1)[1] for n in [*created, after] if n] == [
+        f"{n:04d}" for n in range(1, 14)]
+    with ing.session() as s:
+        assert s.scalar(select(TicketNumberCounter.last)) == 13
 
 
 def test_duplicate_returns_first_result_and_writes_nothing(ing: Ingestor) -> None:

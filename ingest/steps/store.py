@@ -34,14 +34,28 @@ MAX_TITLE = 255
 
 
 def next_ticket_number(ctx: MailContext, now: dt.datetime) -> str:
-    """Autotask-style ``TYYYYMMDD.NNNN`` with a per-UTC-day sequence (seed 004)."""
-    return allocate_ticket_number(ctx.session, now)
+    """Autotask-style ``TYYYYMMDD.NNNN`` with a per-UTC-day sequence (seed 004).
+
+    A replay batch takes numbers for the rest of its mails at once (one statement, not one
+    per ticket) and gives back what it did not use (:func:`return_ticket_numbers`).
+    """
+    batch = ctx.batch
+    if batch is None:
+        return allocate_ticket_number(ctx.session, now)
+    day = now.astimezone(dt.UTC).strftime("%Y%m%d")
+    next_seq, last = batch.ticket_numbers.get(day, (1, 0))
+    if next_seq > last:
+        wanted = max(1, batch.mails_left)
+        first = allocate_ticket_number(ctx.session, now, wanted)
+        next_seq, last = int(first.rpartition(".")[2]), int(first.rpartition(".")[2]) + wanted - 1
+    batch.ticket_numbers[day] = (next_seq + 1, last)
+    return f"T{day}.{next_seq:04d}"
 
 
-_NEXT_IN_DAY = (
+_TAKE_NUMBERS = (
     update(TicketNumberCounter)
     .where(TicketNumberCounter.day == bindparam("today"))
-    .values(last=TicketNumberCounter.last + 1)
+    .values(last=TicketNumberCounter.last + bindparam("count"))
     .returning(TicketNumberCounter.last)
 )
 _INSERT_TICKET = insert(Ticket).returning(Ticket.id)
@@ -56,22 +70,39 @@ _COUNT_MESSAGES = (
 )
 
 
-def allocate_ticket_number(session: Session, now: dt.datetime) -> str:
+def allocate_ticket_number(session: Session, now: dt.datetime, count: int = 1) -> str:
     """The allocator behind :func:`next_ticket_number`, for callers without a MailContext (the
-    HTTP API's SaveTicketEntity and Autotask create), so every ticket shares one sequence."""
+    HTTP API's SaveTicketEntity and Autotask create), so every ticket shares one sequence.
+
+    ``count`` > 1 takes that many numbers at once and returns the first (a replay batch, see
+    :func:`next_ticket_number`).  The counter row stays locked until the transaction ends, so
+    numbers never interleave with another writer's.
+    """
     day = now.astimezone(dt.UTC).strftime("%Y%m%d")
     for _attempt in range(3):
         session.flush()  # the connection below bypasses the ORM: pending rows go first
-        seq = session.connection().execute(_NEXT_IN_DAY, {"today": day}).scalar()
-        if seq is not None:
-            return f"T{day}.{seq:04d}"
+        last = session.connection().execute(_TAKE_NUMBERS, {"today": day, "count": count}
+                                            ).scalar()
+        if last is not None:
+            return f"T{day}.{last - count + 1:04d}"
         try:
             with session.begin_nested():
-                session.execute(insert(TicketNumberCounter).values(day=day, last=1))
+                session.execute(insert(TicketNumberCounter).values(day=day, last=count))
             return f"T{day}.0001"
         except IntegrityError:
             continue  # another worker created today's row first
     raise RuntimeError("could not allocate a ticket number")
+
+
+def return_ticket_numbers(session: Session, batch: BatchState) -> None:
+    """Give back the numbers a replay batch took and did not use, before its commit: the
+    counter row has been locked by this transaction since they were taken, so nobody took a
+    number after them and the sequence stays without gaps."""
+    for day, (next_seq, last) in batch.ticket_numbers.items():
+        if last >= next_seq:
+            session.connection().execute(_TAKE_NUMBERS, {"today": day,
+                                                         "count": next_seq - last - 1})
+    batch.ticket_numbers.clear()
 
 
 def _new_ticket(ctx: MailContext, ref: Reference, now: dt.datetime) -> Ticket:

@@ -29,6 +29,7 @@ MAX_SUBJECT_TAGS = 10  # tags looked at in one subject; a subject naming more pr
 # Built once (SQLAlchemy's cache key of a statement built per call cost more than running it).
 _TICKETS_BY_MESSAGE_ID = select(Message.message_id, Message.ticket_id).where(
     Message.message_id.in_(bindparam("ids", expanding=True)))
+_TICKETS = select(Ticket).where(Ticket.id.in_(bindparam("ids", expanding=True)))
 _TICKETS_BY_NUMBER = select(Ticket.id).where(
     Ticket.ticket_number.in_(bindparam("numbers", expanding=True)))
 
@@ -48,6 +49,19 @@ def referenced_ids(mail: ParsedMail) -> list[str]:
     """The Message-IDs a mail refers to, as threading looks them up (bounces add the ids
     quoted in their report, found by the classify step)."""
     return list(dict.fromkeys(i for i in mail.in_reply_to + mail.references if i))
+
+
+def read_tickets(session: Session, batch: BatchState, subjects: Iterable[str],
+                 template: str) -> None:
+    """Load, with one query, the tickets a replay batch's mails point at (the Message-IDs read
+    by :func:`read_message_tickets`, the subject tags), into the session's identity map, where
+    the threading step's ``session.get`` finds them."""
+    wanted = set(batch.message_tickets.values())
+    for subject in subjects:
+        wanted.update(tagged_ticket_ids(subject, template)[:MAX_SUBJECT_TAGS])
+    ids = sorted(wanted)
+    for start in range(0, len(ids), 500):
+        batch.tickets += session.scalars(_TICKETS, {"ids": ids[start:start + 500]}).all()
 
 
 def read_message_tickets(session: Session, batch: BatchState, ids: Iterable[str]) -> None:
