@@ -102,7 +102,9 @@ class BatchState:
     # store), and how many of the batch's mails are still to come (how many to take).
     ticket_numbers: dict[str, tuple[int, int]] = field(default_factory=dict)
     mails_left: int = 0
-    tickets: list[Any] = field(default_factory=list)  # read ahead; held for the identity map
+    # Tickets read ahead or created by the batch, held here because the session's identity map
+    # holds unchanged objects only weakly: a reply later in the batch finds them there.
+    tickets: list[Any] = field(default_factory=list)
 
 
 @dataclass(slots=True)

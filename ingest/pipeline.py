@@ -302,8 +302,7 @@ def process_new_batch(ingestor: Ingestor, inbounds: Sequence[InboundMail],
             # What the mails parsed ahead will look up, read in one query each.
             ready = [mail for mail in parsed if mail is not None]
             read_message_tickets(session, batch, (i for m in ready for i in referenced_ids(m)))
-            read_tickets(session, batch, (m.subject for m in ready),
-                         ingestor.settings.service.subject_tag)
+            read_tickets(session, batch, ready, ingestor.settings.service)
             read_persons(session, ready)
             for left, (inbound, raw, mail) in enumerate(
                     zip(inbounds, raws, parsed, strict=True)):

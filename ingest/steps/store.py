@@ -152,6 +152,8 @@ def _new_ticket(ctx: MailContext, ref: Reference, now: dt.datetime) -> Ticket:
     ctx.session.add(ticket)
     set_committed_value(ticket, "person", ctx.person)
     set_committed_value(ticket, "contact", ctx.contact)
+    if ctx.batch is not None:  # the identity map holds it weakly; the batch, for its replies
+        ctx.batch.tickets.append(ticket)
     return ticket
 
 

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
+from ingest.config import ServiceSection
 from ingest.context import BatchState, MailContext, Outcome
 from ingest.errors import ParentPending
 from ingest.models import Associate, InboundMail, Message, Person, Ticket, utcnow
@@ -51,14 +52,18 @@ def referenced_ids(mail: ParsedMail) -> list[str]:
     return list(dict.fromkeys(i for i in mail.in_reply_to + mail.references if i))
 
 
-def read_tickets(session: Session, batch: BatchState, subjects: Iterable[str],
-                 template: str) -> None:
+def read_tickets(session: Session, batch: BatchState, mails: Iterable[ParsedMail],
+                 service: ServiceSection) -> None:
     """Load, with one query, the tickets a replay batch's mails point at (the Message-IDs read
-    by :func:`read_message_tickets`, the subject tags), into the session's identity map, where
-    the threading step's ``session.get`` finds them."""
+    by :func:`read_message_tickets`, our signed Message-IDs, the subject tags), into the
+    session's identity map, where the threading step's ``session.get`` finds them."""
     wanted = set(batch.message_tickets.values())
-    for subject in subjects:
-        wanted.update(tagged_ticket_ids(subject, template)[:MAX_SUBJECT_TAGS])
+    for mail in mails:
+        wanted.update(tagged_ticket_ids(mail.subject, service.subject_tag)[:MAX_SUBJECT_TAGS])
+        for mid in referenced_ids(mail)[:MAX_REFERENCES]:
+            ticket_id = ticket_from_message_id(mid, service.secret, service.message_id_domain)
+            if ticket_id is not None:
+                wanted.add(ticket_id)
     ids = sorted(wanted)
     for start in range(0, len(ids), 500):
         batch.tickets += session.scalars(_TICKETS, {"ids": ids[start:start + 500]}).all()
