@@ -4,7 +4,8 @@ Parsing and visible-reply extraction need nothing but the bytes, and they were a
 replayed mail's time.  The steps that read and write the database must run one mail after the
 other in one process (a reply needs its parent's ticket), so a replay used one core of several.
 Here helper processes parse ahead of the main process, in input order, and the main process
-takes each :class:`~ingest.parse.ParsedMail` from them instead of parsing it again.
+takes each :class:`~ingest.parse.ParsedMail` from them instead of parsing it again (and the
+spool's digest of the bytes, the SHA-256 and the header Message-ID).
 
 Two rules keep this invisible to the result:
 
@@ -20,6 +21,7 @@ Two rules keep this invisible to the result:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import multiprocessing
 import os
@@ -29,7 +31,9 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 
+from ingest import spool
 from ingest.parse import ParsedMail, parse_mail
 from ingest.reply import visible_reply
 
@@ -40,7 +44,7 @@ CHUNK_BYTES = 4 * 1024 * 1024  # ... or fewer when they are large
 CHUNKS_PER_HELPER = 4  # chunks in flight per helper: bounds the memory held ahead
 MAX_HELPERS = 4  # past this the main process's database work is the limit anyway
 HELPER_NICENESS = 10
-START_AFTER = 128  # mails a replay runs before helpers are started
+START_AFTER = 32  # mails a replay runs before helpers are started
 
 Item = tuple[bytes, str]
 
@@ -74,38 +78,50 @@ def _lower_priority() -> None:
         os.nice(HELPER_NICENESS)
 
 
-def prepare(raw: bytes, max_bytes: int) -> ParsedMail | None:
-    """The parse step's work and the visible reply, or None to leave the mail to the pipeline."""
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """What a helper computed for one mail: the spool's digest of the bytes (SHA-256 and the
+    header Message-ID, see :func:`ingest.spool.new_inbound`) and the parsed mail with its
+    visible reply, or None where the pipeline must parse."""
+
+    sha256: str
+    message_id: str | None
+    mail: ParsedMail | None
+
+
+def prepare(raw: bytes, max_bytes: int) -> Prepared:
+    """The spool digest, the parse step's work and the visible reply of one mail."""
+    digest = hashlib.sha256(raw).hexdigest(), spool.header_message_id(raw)
     if len(raw) > max_bytes:  # the pipeline rejects it before parsing
-        return None
+        return Prepared(*digest, None)
     try:
         mail = parse_mail(raw)
         mail.visible_text = visible_reply(mail.text)
     except Exception:  # the main process parses again and records the error
-        return None
-    return mail
+        return Prepared(*digest, None)
+    return Prepared(*digest, mail)
 
 
 def _prepare_chunk(raws: list[bytes], max_bytes: int) -> list[bytes | None]:
     """Run in a helper: each result pickled on its own, so one bad mail spoils no other."""
     results: list[bytes | None] = []
     for raw in raws:
-        mail = prepare(raw, max_bytes)
+        prepared = prepare(raw, max_bytes)
         try:
-            results.append(pickle.dumps(mail, protocol=pickle.HIGHEST_PROTOCOL) if mail else None)
-        except Exception:  # e.g. recursion on a pathological MIME tree
-            results.append(None)
+            results.append(pickle.dumps(prepared, protocol=pickle.HIGHEST_PROTOCOL))
+        except Exception:  # e.g. recursion on a pathological MIME tree: the digest at least
+            results.append(pickle.dumps(Prepared(prepared.sha256, prepared.message_id, None)))
     return results
 
 
-def _unpickle(blob: bytes | None) -> ParsedMail | None:
+def _unpickle(blob: bytes | None) -> Prepared | None:
     if blob is None:
         return None
     try:
-        mail = pickle.loads(blob)
-    except Exception:  # the main process parses it itself
+        prepared = pickle.loads(blob)
+    except Exception:  # the main process does it all itself
         return None
-    return mail if isinstance(mail, ParsedMail) else None
+    return prepared if isinstance(prepared, Prepared) else None
 
 
 class Preparer:
@@ -138,8 +154,8 @@ class Preparer:
     def __exit__(self, *_exc: object) -> None:
         self.close()
 
-    def stream(self, items: Iterable[Item]) -> Iterator[tuple[bytes, str, ParsedMail | None]]:
-        """Yield ``(raw, source, parsed or None)`` in input order; None: parse it yourself."""
+    def stream(self, items: Iterable[Item]) -> Iterator[tuple[bytes, str, Prepared | None]]:
+        """Yield ``(raw, source, Prepared or None)`` in input order; None: do it all yourself."""
         mails = iter(items)
         if self.helpers <= 0:
             yield from self._unprepared(mails)
@@ -183,7 +199,7 @@ class Preparer:
             yield raw, source, None
 
     def _take(self, chunk: list[Item], future: Future[list[bytes | None]]
-              ) -> Iterator[tuple[bytes, str, ParsedMail | None]]:
+              ) -> Iterator[tuple[bytes, str, Prepared | None]]:
         if not future.done() and (not self._warm or future.cancel()):
             # Helpers still starting, or this chunk not begun: the caller parses it rather
             # than wait (a started chunk's result is then simply not used).

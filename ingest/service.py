@@ -215,10 +215,12 @@ class Ingestor:
         return _pipeline().process_new(self, self._admit(raw, mailbox_id, door, source, envelope))
 
     def _admit(self, raw: bytes, mailbox_id: int, door: str, source: str,
-               envelope: Envelope | None = None) -> InboundMail:
+               envelope: Envelope | None = None, digest: tuple[str, str | None] | None = None
+               ) -> InboundMail:
         """The spool record of an in-process delivery, or :class:`RecordedError` (recorded as
-        ``rejected``) for an unknown mailbox or data that is not a mail."""
-        inbound = spool.new_inbound(raw, mailbox_id, door, source, envelope)
+        ``rejected``) for an unknown mailbox or data that is not a mail.  ``digest``: the
+        bytes' SHA-256 and header Message-ID, when a replay helper computed them already."""
+        inbound = spool.new_inbound(raw, mailbox_id, door, source, envelope, digest)
         try:
             self.settings.mailbox_for(mailbox_id)
             spool.check_rfc822(raw)
@@ -247,9 +249,12 @@ class Ingestor:
                 else replay.parse_helpers
         batch: list[tuple[str, InboundMail | RecordedError, ParsedMail | None]] = []
         with Preparer(parse_helpers, self.settings.service.max_message_bytes) as preparer:
-            for raw, source, parsed in preparer.stream(mails):
+            for raw, source, prepared in preparer.stream(mails):
+                digest = (prepared.sha256, prepared.message_id) if prepared else None
                 try:
-                    batch.append((source, self._admit(raw, mailbox_id, door, source), parsed))
+                    batch.append((source, self._admit(raw, mailbox_id, door, source,
+                                                      digest=digest),
+                                  prepared.mail if prepared else None))
                 except RecordedError as refused:
                     batch.append((source, refused, None))
                 if len(batch) >= batch_size:

@@ -90,10 +90,12 @@ def new_inbound(
     door: str,
     source: str = "",
     envelope: Envelope | None = None,
+    digest: tuple[str, str | None] | None = None,
 ) -> InboundMail:
+    """A spool record, not yet stored.  ``digest`` is ``(SHA-256 hex, header Message-ID)`` of
+    ``raw`` when the caller computed them already (replay helpers, ingest.prepare)."""
     envelope = envelope or Envelope()
-    sha256 = hashlib.sha256(raw).hexdigest()
-    message_id = header_message_id(raw)
+    sha256, message_id = digest or (hashlib.sha256(raw).hexdigest(), header_message_id(raw))
     return InboundMail(
         mailbox_id=mailbox_id,
         door=door,

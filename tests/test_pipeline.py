@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import func, select
 
 from ingest.models import InboundMail, Message, Person, Ticket, TicketNumberCounter
@@ -525,3 +527,17 @@ def test_envelope_recipient_of_a_catch_all_mailbox_is_not_a_person(
         ticket = s.get(Ticket, info.TicketId)
         assert ticket is not None
         assert [p.email for p in ticket.secondary_persons] == ["peter@techcorp.com"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.from_regex(r"[A-Za-z0-9._%+'-]{1,20}@[A-Za-z0-9-]{1,12}(\.[A-Za-z0-9-]{1,8}){1,3}",
+                     fullmatch=True), st.sampled_from(["", " ", "\t"]))
+def test_plain_addresses_normalize_as_parseaddr_does(address: str, pad: str) -> None:
+    """normalize_address lowers a plain local@domain without parseaddr; the answer must be
+    the one parseaddr gives."""
+    from email.utils import parseaddr
+
+    from ingest.steps.sender import normalize_address
+
+    _name, bare = parseaddr(pad + address + pad)
+    assert normalize_address(pad + address + pad) == (bare or address).strip().strip("<>").lower()

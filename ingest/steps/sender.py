@@ -13,6 +13,7 @@ from ingest.context import MailContext, Outcome
 from ingest.models import Contact, ContactDomain, Person
 from ingest.parse import ParsedMail
 
+_PLAIN_ADDRESS = re.compile(r"[A-Za-z0-9._%+'-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
 _PERSON_BY_EMAIL = (  # built once: see ingest.steps.dedupe
     select(Person).options(joinedload(Person.contact)).where(Person.email == bindparam("email")))
 _PERSONS_BY_EMAIL = select(Person).options(joinedload(Person.contact)).where(
@@ -20,7 +21,14 @@ _PERSONS_BY_EMAIL = select(Person).options(joinedload(Person.contact)).where(
 
 
 def normalize_address(address: str) -> str:
-    """Lower-cased bare address; the display name and angle brackets removed."""
+    """Lower-cased bare address; the display name and angle brackets removed.
+
+    A plain ``local@domain.tld`` (what the parser hands over nearly always) is only lowered:
+    ``parseaddr`` returns it unchanged and cost more than the rest of the sender step.
+    """
+    stripped = address.strip()
+    if _PLAIN_ADDRESS.fullmatch(stripped):
+        return stripped.lower()
     _name, bare = parseaddr(address)
     return (bare or address).strip().strip("<>").lower()
 
