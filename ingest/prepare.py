@@ -9,7 +9,7 @@ spool's digest of the bytes, the SHA-256 and the header Message-ID).
 
 Two rules keep this invisible to the result:
 
-* a helper only ever returns a parsed mail or ``None``; whatever goes wrong there (a hostile
+* a helper only ever hands over a parsed mail or nothing; whatever goes wrong there (a hostile
   mail over a parser limit, a crash, a result that does not pickle) is left to the main process,
   which parses the mail itself and meets the error on the ordinary path (rejected, quarantined,
   recorded), exactly as without helpers;
@@ -39,7 +39,7 @@ from ingest.reply import visible_reply
 
 log = logging.getLogger("ticketgate.prepare")
 
-CHUNK_MAILS = 16  # mails per hand-off: one round trip to a helper costs ~0.1 ms
+CHUNK_MAILS = 16  # mails per hand-off to a helper, which has a fixed cost
 CHUNK_BYTES = 4 * 1024 * 1024  # ... or fewer when they are large
 CHUNKS_PER_HELPER = 4  # chunks in flight per helper: bounds the memory held ahead
 MAX_HELPERS = 4  # past this the main process's database work is the limit anyway
@@ -54,8 +54,8 @@ def default_helpers() -> int:
 
     Not one fewer than the cores: the writing process waits on the database for part of each
     batch (fsync, round trips), and a chunk no helper has begun is parsed by the writer anyway,
-    so a helper too many costs nothing.  Measured on two cores (bench/README.md): one helper
-    reached 38% of the bare parse rate, two 41%.
+    so a helper too many costs little.  On two cores, two helpers replayed faster than one
+    (bench/README.md).
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     cores = cores or 1
@@ -127,9 +127,9 @@ def _unpickle(blob: bytes | None) -> Prepared | None:
 class Preparer:
     """A pool of helper processes that parse a stream of mails ahead of the caller.
 
-    The helpers start only once the stream has yielded ``start_after`` mails: a short replay
-    is over before a fresh interpreter has imported the parser.  Until the first helper result
-    is in, the caller parses for itself.
+    The helpers start only once the stream has yielded ``start_after`` mails: for a replay of a
+    few files they would cost more than they save.  Until the first helper result is in, the
+    caller parses for itself.
     """
 
     def __init__(self, helpers: int, max_bytes: int, start_after: int | None = None) -> None:
