@@ -47,8 +47,8 @@ def _tickets_by_message_ids(ctx: MailContext, ids: list[str]) -> dict[str, int]:
 
 
 def referenced_ids(mail: ParsedMail) -> list[str]:
-    """The Message-IDs a mail refers to, as threading looks them up (bounces add the ids
-    quoted in their report, found by the classify step)."""
+    """The Message-IDs a mail's In-Reply-To and References name.  (Threading also looks up
+    the ids a bounce quotes, which only the classify step finds; those are not read ahead.)"""
     return list(dict.fromkeys(i for i in mail.in_reply_to + mail.references if i))
 
 
