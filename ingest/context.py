@@ -104,7 +104,7 @@ class BatchState:
     mails_left: int = 0
     # Tickets read ahead or created by the batch, held here because the session's identity map
     # holds unchanged objects only weakly: a reply later in the batch finds them there.
-    tickets: list[Any] = field(default_factory=list)
+    tickets: list[Ticket] = field(default_factory=list)
 
 
 @dataclass(slots=True)
