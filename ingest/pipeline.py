@@ -32,7 +32,6 @@ from ingest.errors import AttemptsExhausted, InboundNotFound, ParentPending, Tra
 from ingest.models import FINAL_STATES, InboundMail, utcnow
 from ingest.parse import ParsedMail
 from ingest.reply import visible_reply
-from ingest.spool import dedupe_claim
 from ingest.steps.authenticate import authenticate
 from ingest.steps.automail import stop_unreferenced_automatic_mail
 from ingest.steps.circuit_breaker import circuit_breaker
@@ -131,7 +130,7 @@ def record_outcome(ctx: MailContext, outcome: Outcome, ingestor: Ingestor) -> Ti
             tag_template=settings.service.subject_tag,
             threaded_by=ctx.threaded_by if outcome.action == "appended" else None,
         )
-        final["dedupe_claim"] = dedupe_claim(inbound.mailbox_id, inbound.idempotency_key)
+        final["dedupe_claim"] = spool.dedupe_claim(inbound.mailbox_id, inbound.idempotency_key)
     if info.MessageId is None:
         info.MessageId = inbound.header_message_id
     final.update(
@@ -298,7 +297,7 @@ def process_new_batch(ingestor: Ingestor, inbounds: Sequence[InboundMail],
         try:
             spool.insert_records(session, inbounds)
             batch = BatchState(claims=read_claims(session, list(
-                {dedupe_claim(i.mailbox_id, i.idempotency_key) for i in inbounds})))
+                {spool.dedupe_claim(i.mailbox_id, i.idempotency_key) for i in inbounds})))
             # What the mails parsed ahead will look up, read in one query each.
             ready = [mail for mail in parsed if mail is not None]
             read_message_tickets(session, batch, (i for m in ready for i in referenced_ids(m)))

@@ -21,7 +21,6 @@ Two rules keep this invisible to the result:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import multiprocessing
 import os
@@ -91,7 +90,7 @@ class Prepared:
 
 def prepare(raw: bytes, max_bytes: int) -> Prepared:
     """The spool digest, the parse step's work and the visible reply of one mail."""
-    digest = hashlib.sha256(raw).hexdigest(), spool.header_message_id(raw)
+    digest = spool.raw_digest(raw)
     if len(raw) > max_bytes:  # the pipeline rejects it before parsing
         return Prepared(*digest, None)
     try:
@@ -200,10 +199,9 @@ class Preparer:
 
     def _take(self, chunk: list[Item], future: Future[list[bytes | None]]
               ) -> Iterator[tuple[bytes, str, Prepared | None]]:
-        if not future.done() and (not self._warm or future.cancel()):
-            # Helpers still starting, or this chunk not begun: the caller parses it rather
-            # than wait (a started chunk's result is then simply not used).
-            future.cancel()
+        # Helpers still starting, or this chunk not begun: the caller parses it rather than
+        # wait (a chunk already started then finishes unused).
+        if not future.done() and (future.cancel() or not self._warm):
             yield from self._unprepared(iter(chunk))
             return
         try:

@@ -60,6 +60,12 @@ def header_message_id(raw: bytes) -> str | None:
     return found
 
 
+def raw_digest(raw: bytes) -> tuple[str, str | None]:
+    """The SHA-256 (hex) and the header Message-ID of a mail: what its spool record is keyed
+    by (see :func:`idempotency_key`)."""
+    return hashlib.sha256(raw).hexdigest(), header_message_id(raw)
+
+
 def idempotency_key(message_id: str | None, sha256: str) -> str:
     if message_id:
         if len(message_id) > MAX_KEY_MESSAGE_ID:
@@ -95,7 +101,7 @@ def new_inbound(
     """A spool record, not yet stored.  ``digest`` is ``(SHA-256 hex, header Message-ID)`` of
     ``raw`` when the caller computed them already (replay helpers, ingest.prepare)."""
     envelope = envelope or Envelope()
-    sha256, message_id = digest or (hashlib.sha256(raw).hexdigest(), header_message_id(raw))
+    sha256, message_id = digest or raw_digest(raw)
     return InboundMail(
         mailbox_id=mailbox_id,
         door=door,

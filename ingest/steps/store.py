@@ -42,12 +42,12 @@ def next_ticket_number(ctx: MailContext, now: dt.datetime) -> str:
     batch = ctx.batch
     if batch is None:
         return allocate_ticket_number(ctx.session, now)
-    day = now.astimezone(dt.UTC).strftime("%Y%m%d")
+    day = _utc_day(now)
     next_seq, last = batch.ticket_numbers.get(day, (1, 0))
     if next_seq > last:
         wanted = max(1, batch.mails_left)
-        first = allocate_ticket_number(ctx.session, now, wanted)
-        next_seq, last = int(first.rpartition(".")[2]), int(first.rpartition(".")[2]) + wanted - 1
+        next_seq = _take_numbers(ctx.session, day, wanted)
+        last = next_seq + wanted - 1
     batch.ticket_numbers[day] = (next_seq + 1, last)
     return f"T{day}.{next_seq:04d}"
 
@@ -78,17 +78,26 @@ def allocate_ticket_number(session: Session, now: dt.datetime, count: int = 1) -
     :func:`next_ticket_number`).  The counter row stays locked until the transaction ends, so
     numbers never interleave with another writer's.
     """
-    day = now.astimezone(dt.UTC).strftime("%Y%m%d")
+    day = _utc_day(now)
+    return f"T{day}.{_take_numbers(session, day, count):04d}"
+
+
+def _utc_day(now: dt.datetime) -> str:
+    return now.astimezone(dt.UTC).strftime("%Y%m%d")
+
+
+def _take_numbers(session: Session, day: str, count: int) -> int:
+    """Take ``count`` numbers of the day's sequence; the first of them."""
     for _attempt in range(3):
         session.flush()  # the connection below bypasses the ORM: pending rows go first
         last = session.connection().execute(_TAKE_NUMBERS, {"today": day, "count": count}
                                             ).scalar()
         if last is not None:
-            return f"T{day}.{last - count + 1:04d}"
+            return int(last) - count + 1
         try:
             with session.begin_nested():
                 session.execute(insert(TicketNumberCounter).values(day=day, last=count))
-            return f"T{day}.0001"
+            return 1
         except IntegrityError:
             continue  # another worker created today's row first
     raise RuntimeError("could not allocate a ticket number")
