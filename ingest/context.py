@@ -10,13 +10,13 @@ from typing import Any, Literal
 from sqlalchemy.orm import Session
 
 from ingest.authentication import SenderAuthentication
+from ingest.classification import Classification
 from ingest.config import Mailbox, Settings
 from ingest.models import Contact, InboundMail, Person, Ticket
 from ingest.parse import ParsedMail
 from ingest.reference import Reference
 
 Action = Literal["created", "appended", "duplicate", "ignored", "rejected", "quarantined"]
-MailKind = Literal["normal", "auto-reply", "bounce", "bulk"]
 
 
 @dataclass(slots=True)
@@ -28,17 +28,6 @@ class Outcome:
     ticket: Ticket | None = None
     result: dict[str, Any] | None = None  # for duplicates: the first delivery's TicketInfo
     duplicate_of: int | None = None
-
-
-@dataclass(slots=True)
-class Classification:
-    kind: MailKind = "normal"
-    reasons: list[str] = field(default_factory=list)  # which headers said so
-    referenced_ids: list[str] = field(default_factory=list)  # ids quoted inside a bounce
-
-    @property
-    def is_automatic(self) -> bool:
-        return self.kind != "normal"
 
 
 @dataclass(slots=True)
@@ -58,7 +47,7 @@ class Trace:
     lines: list[dict[str, Any]] = field(default_factory=list)
     _started: float = field(default_factory=time.perf_counter)
 
-    def add(self, step: str, note: str, **data: Any) -> None:
+    def add(self, step: str, note: str, **data: Any) -> dict[str, Any]:
         line: dict[str, Any] = {
             "step": step,
             "ms": round((time.perf_counter() - self._started) * 1000, 2),
@@ -67,6 +56,7 @@ class Trace:
         if data:
             line.update(data)
         self.lines.append(line)
+        return line
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +66,16 @@ class Claim:
     inbound_id: int
     state: str
     result: dict[str, Any] | None
+
+
+@dataclass(slots=True)
+class PendingMessage:
+    """A replay batch's message row, written with the batch's others (ingest.steps.store)."""
+
+    row: dict[str, Any]
+    attachments: list[dict[str, Any]]
+    ctx: MailContext
+    trace_line: dict[str, Any]  # the store step's line, which names the row id once written
 
 
 @dataclass(slots=True)
@@ -105,6 +105,9 @@ class BatchState:
     # Tickets read ahead or created by the batch, held here because the session's identity map
     # holds unchanged objects only weakly: a reply later in the batch finds them there.
     tickets: list[Ticket] = field(default_factory=list)
+    # Message rows (with their attachments) stored by the batch's mails, inserted together
+    # before the final states (ingest.steps.store.write_messages).
+    messages: list[PendingMessage] = field(default_factory=list)
 
 
 @dataclass(slots=True)

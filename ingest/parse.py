@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
+import copy
 import datetime as dt
 import email.header
 import hashlib
@@ -31,6 +32,7 @@ import nh3
 from inscriptis import get_text
 
 from ingest import tnef
+from ingest.classification import Classification
 from ingest.errors import ParseError
 from ingest.message_ids import message_ids_in as _ids
 from ingest.message_ids import normalize_message_id
@@ -104,6 +106,9 @@ class ParsedMail:
     # The new part of a reply, without quoted history and signature; None until the pipeline
     # (or a replay helper, ingest.prepare) has extracted it.
     visible_text: str | None = None
+    # What kind of mail it is, from the mail alone; None until the classify step (or a replay
+    # helper) has looked.
+    classification: Classification | None = None
     defects: list[str] = field(default_factory=list)
     header_block: str = ""
     header_charset: str | None = None  # the hint for raw 8-bit header bytes, see header_charset()
@@ -325,6 +330,19 @@ def _check_structure(message: EmailMessage) -> EmailMessage:
     return message
 
 
+def _without_trace_headers(message: EmailMessage) -> EmailMessage:
+    """The message as mail-parser should see it: without its Received headers.
+
+    mail-parser splits every Received header into its clauses and dates, a tenth of a parse,
+    for its ``received`` property, which ticketgate never reads (the hop data it needs, the
+    client's address and HELO, comes from the SMTP envelope).  The copy shares the parts with
+    the original; only its header list is its own, so the stored mail keeps every header.
+    """
+    view = copy.copy(message)
+    del view["Received"]  # builds a new header list: the original's is untouched
+    return view
+
+
 def _addresses(parser: Any, name: str) -> list[tuple[str, str]]:
     try:
         pairs = getattr(parser, name) or []
@@ -496,12 +514,12 @@ def parse_mail(raw: bytes) -> ParsedMail:
     :class:`MailLimitExceeded` when the mail is over a hostile-input limit."""
     _check_raw_limits(raw)
     try:
-        parser = _RobustMailParser(_check_structure(email.message_from_bytes(raw)))
+        message = _check_structure(email.message_from_bytes(raw))
+        parser = _RobustMailParser(_without_trace_headers(message))
     except MailLimitExceeded:
         raise
     except Exception as exc:  # mail-parser raises many types on hostile input (RecursionError)
         raise ParseError(f"mail could not be parsed: {type(exc).__name__}: {exc}") from exc
-    message: EmailMessage = parser.message
     froms = _addresses(parser, "from_")
     sender = _addresses(parser, "sender")
     if not froms:

@@ -41,7 +41,12 @@ from ingest.steps.limits import enforce_size
 from ingest.steps.parsing import parse
 from ingest.steps.routing import route
 from ingest.steps.sender import identify_sender, read_persons
-from ingest.steps.store import return_ticket_numbers, store_ticket, write_ticket_counts
+from ingest.steps.store import (
+    return_ticket_numbers,
+    store_ticket,
+    write_messages,
+    write_ticket_counts,
+)
 from ingest.steps.threading import (
     find_ticket,
     read_message_tickets,
@@ -309,6 +314,7 @@ def process_new_batch(ingestor: Ingestor, inbounds: Sequence[InboundMail],
                 infos.append(_process_in(session, inbound, raw, ingestor, prepared=mail,
                                          batch=batch)[0])
             return_ticket_numbers(session, batch)
+            write_messages(session, batch)
             write_ticket_counts(session, batch)
             if batch.final_states:
                 session.connection().execute(_FINAL_STATE, batch.final_states)

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from ingest import spool
 from ingest.parse import ParsedMail, parse_mail
 from ingest.reply import visible_reply
+from ingest.steps.classify import classify_mail
 
 log = logging.getLogger("ticketgate.prepare")
 
@@ -96,6 +97,7 @@ def prepare(raw: bytes, max_bytes: int) -> Prepared:
     try:
         mail = parse_mail(raw)
         mail.visible_text = visible_reply(mail.text)
+        mail.classification = classify_mail(mail)
     except Exception:  # the main process parses again and records the error
         return Prepared(*digest, None)
     return Prepared(*digest, mail)

@@ -173,6 +173,27 @@ def test_replay_door_is_not_watched_by_default(make: Callable[..., Ingestor]) ->
     assert [r.Action for r in results] == ["created"] * 4
 
 
+def test_a_watched_replay_counts_the_mails_of_its_own_batch(
+        make: Callable[..., Ingestor]) -> None:
+    """A replay batch writes its messages at its end (``store.write_messages``); the breaker
+    still counts the ones the batch stored before, by sender, by subject and by ticket."""
+    ing = make('doors = ["replay"]\nper_sender_max = 5\nper_sender_subject_max = 2\n'
+               "per_ticket_max = 3")
+    stream = [(autoresponder_mail(n, "a@b.test", "c@d.test", "Same", None), f"same-{n}")
+              for n in range(3)]
+    stream += [(autoresponder_mail(10 + n, "e@f.test", "c@d.test", "Thread",
+                                   "loop-10@f.test" if n else None), f"thread-{n}")
+               for n in range(5)]
+    stream += [(autoresponder_mail(20 + n, "a@b.test", "c@d.test", f"Other {n}", None),
+                f"other-{n}") for n in range(4)]
+    results = dict(ing.ingest_many(stream, 1, batch_size=64, parse_helpers=0))
+    actions = [results[source].Action for _raw, source in stream]  # type: ignore[union-attr]
+    assert actions == (["created", "created", "quarantined"]  # per sender and subject
+                       + ["created", "appended", "appended", "quarantined", "quarantined"]
+                       + ["created", "created", "created", "quarantined"])  # per sender: 5
+    assert tickets(ing) == 6 and messages(ing) == 8
+
+
 def test_counts_come_from_the_database_so_all_workers_share_them(
         make: Callable[..., Ingestor]) -> None:
     one = make("per_sender_subject_max = 3")

@@ -29,6 +29,7 @@ import datetime as dt
 import functools
 import hashlib
 import re
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import ColumnElement, Select, and_, bindparam, func, or_, select
@@ -87,7 +88,23 @@ def _counts(ctx: MailContext, since: dt.datetime, until: dt.datetime,
     names = tuple(name for name, _limit, _who in checks)
     row = ctx.session.execute(_count_statement(names),
                               {"since": since, "until": until, **values}).one()
-    return {name: int(value or 0) for name, value in zip(names, row, strict=True)}
+    counts = {name: int(value or 0) for name, value in zip(names, row, strict=True)}
+    if ctx.batch is not None:  # a replay batch writes its messages at its end
+        for pending in ctx.batch.messages:
+            message = pending.row
+            if since <= message["arrived_at"] <= until:
+                for name in names:
+                    counts[name] += _PENDING_MATCH[name](message, values)
+    return counts
+
+
+# The conditions of _CONDITIONS, on a message row not yet written.
+_PENDING_MATCH: dict[str, Callable[[dict[str, Any], dict[str, Any]], bool]] = {
+    "ticket": lambda row, values: row["ticket_id"] == values["ticket"],
+    "sender+subject": lambda row, values: (row["from_address"] == values["sender"]
+                                           and row["subject_key"] == values["subject_key"]),
+    "sender": lambda row, values: row["from_address"] == values["sender"],
+}
 
 
 def circuit_breaker(ctx: MailContext) -> Outcome | None:

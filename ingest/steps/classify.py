@@ -12,7 +12,8 @@ import re
 from email.message import Message
 from email.utils import getaddresses, parseaddr
 
-from ingest.context import Classification, MailContext, Outcome
+from ingest.classification import Classification
+from ingest.context import MailContext, Outcome
 from ingest.message_ids import message_ids_in as _ids
 from ingest.message_ids import normalize_message_id
 from ingest.parse import ParsedMail, decode_header_value
@@ -230,6 +231,17 @@ def classify(ctx: MailContext) -> Outcome | None:
         ctx.trace.add("classify", reason)
         return Outcome("ignored", reason)
 
+    if mail.classification is None:  # a replay helper may have done it already
+        mail.classification = classify_mail(mail)
+    ctx.classification = result = mail.classification
+    ctx.trace.add("classify", result.kind, evidence=result.reasons)
+    return None
+
+
+def classify_mail(mail: ParsedMail) -> Classification:
+    """The mail's kind from its headers and structure alone, no settings: so a replay helper
+    can work it out ahead of the pipeline (:mod:`ingest.prepare`)."""
+    msg = mail.message
     result = Classification()
     if reasons := _bounce_reasons(msg, mail):
         result.kind = "bounce"
@@ -243,6 +255,4 @@ def classify(ctx: MailContext) -> Outcome | None:
         result.kind, result.reasons = "bulk", reasons
     elif _null_return_path(msg) and not mail.from_address:
         result.kind, result.reasons = "auto-reply", ["null Return-Path and no From"]
-    ctx.classification = result
-    ctx.trace.add("classify", result.kind, evidence=result.reasons)
-    return None
+    return result

@@ -42,8 +42,12 @@ def _tickets_by_message_ids(ctx: MailContext, ids: list[str]) -> dict[str, int]:
     batch = ctx.batch
     if batch is not None and batch.message_ids_read.issuperset(ids):
         return {mid: batch.message_tickets[mid] for mid in ids if mid in batch.message_tickets}
-    rows = ctx.session.execute(_TICKETS_BY_MESSAGE_ID, {"ids": ids}).all()
-    return {mid: tid for mid, tid in rows}
+    found = {mid: tid for mid, tid in ctx.session.execute(_TICKETS_BY_MESSAGE_ID, {"ids": ids})}
+    if batch is not None:  # the batch's own messages are written at its end
+        for mid in ids:
+            if mid not in found and mid in batch.message_tickets:
+                found[mid] = batch.message_tickets[mid]
+    return found
 
 
 def referenced_ids(mail: ParsedMail) -> list[str]:
