@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -345,6 +346,43 @@ def worker_site(tmp_path: Path) -> Iterator[tuple[Path, int, dict[str, str]]]:
         except subprocess.TimeoutExpired:
             worker.kill()
             worker.wait()
+
+
+@pytest.mark.timeout(150)
+def test_one_task_carries_several_mails_and_defers_a_reply_alone(
+        worker_site: tuple[Path, int, dict[str, str]], tmp_path: Path) -> None:
+    """``enqueue`` puts up to 16 ids in one task.  Here the reply comes first in the task: it is
+    deferred (its parent is spooled, not processed) and retried alone, while the task goes on
+    with the parent and a third mail."""
+    _config, port, env = worker_site
+    send = textwrap.dedent("""\
+        from workers import runtime
+        from workers.celery_app import enqueue
+        def mail(n, extra=""):
+            return (f"From: a@example.org\\r\\nSubject: m{n}\\r\\n"
+                    f"Message-ID: <batch-{n}@example.org>\\r\\n{extra}\\r\\nbody\\r\\n").encode()
+        ingestor = runtime.ingestor()
+        parent = ingestor.receive(mail(1), 1, "smtp")
+        reply = ingestor.receive(mail(2, "In-Reply-To: <batch-1@example.org>\\r\\n"), 1, "smtp")
+        other = ingestor.receive(mail(3), 1, "smtp")
+        assert enqueue([reply, parent, other])
+        """)
+    subprocess.run([sys.executable, "-c", send], env=env, cwd=tmp_path, check=True, timeout=30)
+    wanted = ('ticketgate_task_results_total{action="created"} 2.0',
+              'ticketgate_task_results_total{action="appended"} 1.0')
+    deadline = time.monotonic() + 90
+    text = ""
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            text = _get(f"http://127.0.0.1:{port}/metrics")
+        if all(line in text for line in wanted):
+            break
+        time.sleep(0.5)
+    log = (tmp_path / "worker.log").read_text(errors="replace")
+    assert all(line in text for line in wanted), log[-3000:]
+    # one task for the three, one retry of the reply alone
+    assert 'ticketgate_tasks_total{state="retry",task="ticketgate.process_inbound"} 1.0' in text
+    assert 'ticketgate_tasks_total{state="success",task="ticketgate.process_inbound"} 1.0' in text
 
 
 @pytest.mark.timeout(150)

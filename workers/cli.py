@@ -143,12 +143,16 @@ def smtp(
     settings = _use_config(config)
     from workers import metrics, runtime
     from workers.celery_app import enqueue
+    from workers.handoff import GroupedHandoff
     from workers.smtp import serve_smtp
 
     runtime.configure_logging(role="smtp")
     metrics.start_role_server("smtp", settings)
-    asyncio.run(serve_smtp(runtime.ingestor(), metrics.counted(enqueue, "smtp"), host=host,
-                           port=port))
+    handoff = GroupedHandoff(metrics.counted(enqueue, "smtp"))
+    try:
+        asyncio.run(serve_smtp(runtime.ingestor(), handoff, host=host, port=port))
+    finally:
+        handoff.flush()
 
 
 @app.command()

@@ -135,19 +135,26 @@ def on_task_prerun(task_id: str | None = None, **_: Any) -> None:
         _started[task_id] = time.perf_counter()
 
 
-def on_task_postrun(task_id: str | None = None, task: Any = None, retval: Any = None,
+def on_task_postrun(task_id: str | None = None, task: Any = None,
                     state: str | None = None, **_: Any) -> None:
     started = _started.pop(task_id, None) if task_id else None
     name = getattr(task, "name", None) or "unknown"
     try:
-        tasks, seconds, results = _task_metrics()
+        tasks, seconds, _results = _task_metrics()
         tasks.labels(name, (state or "unknown").lower()).inc()
         if started is not None:
             seconds.labels(name).observe(time.perf_counter() - started)
-        if isinstance(retval, dict) and retval.get("Action"):
-            results.labels(str(retval["Action"])).inc()
     except Exception as exc:  # metrics must never fail a task
         log.warning("metrics: task %s not counted: %s", name, exc)
+
+
+def count_processed(action: str) -> None:
+    """One mail a worker finished, by its action: counted as it happens, because a task that
+    carries several mails may end in a retry for one of them after the others are done."""
+    try:
+        _task_metrics()[2].labels(action).inc()
+    except Exception as exc:  # metrics must never fail a task
+        log.warning("metrics: result %s not counted: %s", action, exc)
 
 
 def connect_task_signals() -> None:

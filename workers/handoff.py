@@ -1,0 +1,75 @@
+"""Hand spooled ids to the broker in groups, not one message per mail.
+
+The SMTP listener spools each mail in its own session and commits it before the 250; what
+follows, telling the workers, need not be per mail.  A broker message per mail cost the workers
+a Celery task per mail (receive, dispatch, acknowledge, trace: a third of their CPU), so the
+ids that concurrent sessions spool within a few milliseconds go out together, as one task of up
+to ``IDS_PER_TASK`` ids (:func:`workers.celery_app.enqueue`).
+
+Nothing depends on this hand-off for safety: the ids are committed in the spool before they get
+here, and a record the broker never hears of (the listener stopped within the window, the
+broker was down) is enqueued again by the sweep.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("ticketgate.handoff")
+
+WINDOW_SECONDS = 0.01  # how long the first id of a group waits for company
+MAX_GROUP = 16  # ids that are sent at once without waiting (one task's worth)
+
+
+class GroupedHandoff:
+    """A callable with ``enqueue``'s signature that gathers ids for ``window`` seconds (or until
+    ``max_group`` are waiting) and hands them to ``enqueue`` in one call.  Thread-safe: the
+    listener calls it from its spool threads."""
+
+    def __init__(self, enqueue: Callable[[list[int]], Any], window: float = WINDOW_SECONDS,
+                 max_group: int = MAX_GROUP) -> None:
+        self._enqueue = enqueue
+        self._window = window
+        self._max_group = max_group
+        self._lock = threading.Lock()
+        self._waiting: list[int] = []
+        self._timer: threading.Timer | None = None
+
+    def __call__(self, inbound_ids: list[int]) -> bool:
+        """Take the ids; True (the broker's answer comes later, and only counts in metrics)."""
+        with self._lock:
+            self._waiting.extend(inbound_ids)
+            if len(self._waiting) >= self._max_group:
+                group = self._take()
+            else:
+                group = []
+                if self._timer is None:
+                    self._timer = threading.Timer(self._window, self.flush)
+                    self._timer.daemon = True
+                    self._timer.start()
+        if group:
+            self._send(group)
+        return True
+
+    def flush(self) -> None:
+        """Send whatever is waiting now (the timer, and shutdown)."""
+        with self._lock:
+            group = self._take()
+        if group:
+            self._send(group)
+
+    def _take(self) -> list[int]:
+        group, self._waiting = self._waiting, []
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        return group
+
+    def _send(self, group: list[int]) -> None:
+        try:
+            self._enqueue(group)
+        except Exception:  # the sweep enqueues them later; the mails are spooled already
+            log.exception("hand-off of %d spooled id(s) failed; left for the sweep", len(group))
