@@ -14,6 +14,7 @@ Reliability settings, and why:
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, NoReturn
 
 from celery import Celery, signals
@@ -96,7 +97,15 @@ def process_inbound(self: Any, inbound_ids: int | list[int]) -> dict[str, Any] |
     ids = [inbound_ids] if isinstance(inbound_ids, int) else list(inbound_ids)
     deferred: list[int] = []
     done: list[dict[str, Any]] = []
+    # task_time_limit is per task: past half of it the rest goes back to the queue as a new
+    # task, so every mail keeps at least half the limit (a slow mail late in a task is not cut
+    # off and counted as a failed attempt for its position).
+    handback_after = time.monotonic() + runtime.settings().worker.task_time_limit / 2
     for position, inbound_id in enumerate(ids):
+        if position and time.monotonic() > handback_after:
+            log.info("task past half its time limit: %d mail(s) handed back", len(ids) - position)
+            enqueue(ids[position:])  # broker down: the sweep finds them
+            break
         try:
             info = runtime.ingestor().process(inbound_id)
         except InboundNotFound:
