@@ -17,8 +17,10 @@ reason); either is replayable with ``ticketgate quarantine replay``.
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import bindparam, func, select, update
@@ -250,6 +252,143 @@ def process_inbound(ingestor: Ingestor, inbound_id: int) -> TicketInfo:
                 session.rollback()
                 return quarantine(ingestor, inbound_id, exc)
     raise TransientError(f"inbound mail {inbound_id}: lost {MAX_KEY_RACES} races, retry later")
+
+
+@dataclass(slots=True)
+class SpooledResults:
+    """What :func:`process_inbound_many` did with each id it was given."""
+
+    infos: dict[int, TicketInfo] = field(default_factory=dict)
+    deferred: list[int] = field(default_factory=list)  # replies waiting for their parent
+    missing: list[int] = field(default_factory=list)  # no such record
+    left: list[int] = field(default_factory=list)  # not begun: the deadline had passed
+
+
+def process_inbound_many(ingestor: Ingestor, inbound_ids: Sequence[int],
+                         deadline: float | None = None) -> SpooledResults:
+    """:func:`process_inbound` for several spooled records (one worker task), with one
+    transaction and one commit for those never started before.
+
+    Poison mail stays isolated: a record whose processing was started before (a worker died
+    on it or on its task) goes the one-by-one path, as does a mail over
+    :data:`BATCH_MAX_MAIL_BYTES`.  The fresh ones have their start counted
+    together, in one commit, then run as a batch like a replay's; if anything in the batch
+    fails, it is rolled back, the starts are taken back, and every record goes the one-by-one
+    path, which quarantines the mail at fault.  A worker that dies in the batch leaves every
+    record of it started once, so the redelivered task takes them one by one.  A reply whose
+    parent is spooled but unprocessed is deferred (not counted as an attempt) while the others
+    go on; a parent earlier in the same batch counts as processed.  One by one, no record is
+    begun after ``deadline`` (``time.monotonic()``): those are returned in ``left``.
+    """
+    results = SpooledResults()
+    fresh = _start_fresh(ingestor, inbound_ids) if len(inbound_ids) > 1 else []
+    if fresh:
+        try:
+            _process_spooled_batch(ingestor, fresh, results)
+        except TransientError:
+            raise
+        except Exception as exc:  # one by one below, from the records' unchanged state
+            log.info("batch of %d spooled mails failed (%s: %s); one by one",
+                     len(fresh), type(exc).__name__, exc)
+            _forget_attempts(ingestor, fresh)
+            results.infos.clear()
+            results.deferred.clear()
+    for position, inbound_id in enumerate(inbound_ids):
+        if inbound_id in results.infos or inbound_id in results.deferred:
+            continue
+        if deadline is not None and time.monotonic() > deadline:
+            results.left = [i for i in inbound_ids[position:]
+                            if i not in results.infos and i not in results.deferred]
+            break
+        try:
+            results.infos[inbound_id] = process_inbound(ingestor, inbound_id)
+        except ParentPending:
+            results.deferred.append(inbound_id)
+        except InboundNotFound:
+            results.missing.append(inbound_id)
+    return results
+
+
+# Larger mails run one by one: a batch holds all its mails' bytes and parses at once.
+BATCH_MAX_MAIL_BYTES = 1024 * 1024
+_START_FRESH = (
+    update(InboundMail)
+    .where(InboundMail.id.in_(bindparam("ids", expanding=True)),
+           InboundMail.state.not_in(FINAL_STATES),
+           func.coalesce(InboundMail.attempts, 0) == 0,
+           InboundMail.size <= BATCH_MAX_MAIL_BYTES)
+    .values(attempts=1)
+    .returning(InboundMail.id)
+)
+_LOCK_RECORDS = (
+    select(*InboundMail.__table__.columns)
+    .where(InboundMail.id.in_(bindparam("ids", expanding=True)))
+    .order_by(InboundMail.id).with_for_update()
+)
+_FORGET_ATTEMPTS = (
+    update(InboundMail)
+    .where(InboundMail.id.in_(bindparam("ids", expanding=True)), InboundMail.attempts > 0)
+    .values(attempts=InboundMail.attempts - 1)
+)
+
+
+def _start_fresh(ingestor: Ingestor, inbound_ids: Sequence[int]) -> list[int]:
+    """Count the start of the records never started before, in its own commit; their ids."""
+    with ingestor.sessions() as session:
+        try:
+            fresh = session.connection().execute(_START_FRESH, {"ids": list(inbound_ids)}
+                                                 ).scalars().all()
+            session.commit()
+        except OperationalError as exc:
+            raise TransientError(f"database unavailable: {exc.orig}") from exc
+    return sorted(fresh)
+
+
+def _forget_attempts(ingestor: Ingestor, inbound_ids: Sequence[int]) -> None:
+    with ingestor.sessions() as session:
+        session.connection().execute(_FORGET_ATTEMPTS, {"ids": list(inbound_ids)})
+        session.commit()
+
+
+def _process_spooled_batch(ingestor: Ingestor, inbound_ids: list[int],
+                           results: SpooledResults) -> None:
+    with ingestor.sessions() as session:
+        try:
+            rows = session.connection().execute(_LOCK_RECORDS, {"ids": inbound_ids}).all()
+            inbounds = [InboundMail(**row._mapping) for row in rows]
+            batch = BatchState(claims=read_claims(session, list(
+                {spool.dedupe_claim(i.mailbox_id, i.idempotency_key) for i in inbounds})))
+            deferred: list[int] = []
+            for left, inbound in enumerate(inbounds):
+                batch.mails_left = len(inbounds) - left
+                if inbound.state in FINAL_STATES:  # finished by another worker meanwhile
+                    results.infos[inbound.id] = (TicketInfo(**inbound.result) if inbound.result
+                                                 else _stateless(inbound))
+                    continue
+                try:
+                    info, _ctx = _process_in(session, inbound, inbound.raw, ingestor,
+                                             can_defer=True, batch=batch)
+                except ParentPending:  # raised before the mail wrote anything
+                    deferred.append(inbound.id)
+                    continue
+                results.infos[inbound.id] = info
+            return_ticket_numbers(session, batch)
+            write_messages(session, batch)
+            write_ticket_counts(session, batch)
+            if batch.final_states:
+                session.connection().execute(_FINAL_STATE, batch.final_states)
+            if deferred:  # a deferral is not a failed attempt
+                session.connection().execute(_FORGET_ATTEMPTS, {"ids": deferred})
+            session.commit()
+        except OperationalError as exc:
+            session.rollback()
+            raise TransientError(f"database unavailable: {exc.orig}") from exc
+        except Exception:
+            session.rollback()
+            raise
+    results.deferred.extend(deferred)
+    for info in results.infos.values():
+        _log(info)
 
 
 def process_new(ingestor: Ingestor, inbound: InboundMail) -> TicketInfo:

@@ -34,6 +34,7 @@ from ingest.ticketinfo import TicketInfo
 
 if TYPE_CHECKING:  # not imported at run time: the listener never loads the parser
     from ingest.parse import ParsedMail
+    from ingest.pipeline import SpooledResults
 
 
 def _pipeline() -> ModuleType:
@@ -207,6 +208,11 @@ class Ingestor:
 
     def process(self, inbound_id: int) -> TicketInfo:
         return _pipeline().process_inbound(self, inbound_id)
+
+    def process_many(self, inbound_ids: Sequence[int], deadline: float | None = None
+                     ) -> SpooledResults:
+        """:meth:`process` for a worker task's ids, fresh ones in one transaction."""
+        return _pipeline().process_inbound_many(self, inbound_ids, deadline)
 
     def ingest(self, raw: bytes, mailbox_id: int, door: str = "replay", source: str = "",
                envelope: Envelope | None = None) -> TicketInfo:

@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 
 from celery import Celery, signals
 
-from ingest.errors import InboundNotFound, ParentPending, TransientError
+from ingest.errors import ParentPending, TransientError
 from workers import metrics, runtime
 
 log = logging.getLogger("ticketgate.tasks")
@@ -28,6 +28,7 @@ PROCESS_TASK = "ticketgate.process_inbound"
 # Ids per task: enough to spread Celery's per-task cost, few enough that both worker processes
 # of a small machine get work and a redelivered task repeats little.
 IDS_PER_TASK = 16
+PUBLISH_RETRY_SECONDS = 0.2
 SWEEP_TASK = "ticketgate.sweep"
 
 
@@ -84,46 +85,39 @@ def _load_pipeline(**_kwargs: Any) -> None:
 
 @app.task(bind=True, name=PROCESS_TASK, max_retries=None)
 def process_inbound(self: Any, inbound_ids: int | list[int]) -> dict[str, Any] | None:
-    """Run the pipeline for spooled mails, one after the other, each in its own transaction.
+    """Run the pipeline for spooled mails (:meth:`~ingest.service.Ingestor.process_many`: the
+    ones never started before in one transaction, the others one by one).
 
     A task carries up to :data:`IDS_PER_TASK` ids (one int from older publishers): Celery's own
     work per task (receive, dispatch, acknowledge, trace) was a third of a worker's CPU when
-    every mail had its task.  Transient failures retry with backoff, for the ids they concern
-    (a reply waiting for its parent) or for the rest of the task (database down); every other
-    failure is quarantined by the pipeline itself, so no task retries forever.  Acknowledged
-    late as a whole: a worker killed midway leaves the task to be delivered again, and the ids
-    it had finished are then no-ops.
+    every mail had its task, and a commit per mail most of the database's.  Transient failures
+    retry with backoff, for the ids they concern (a reply waiting for its parent) or for the
+    whole task (database down); every other failure is quarantined by the pipeline itself, so
+    no task retries forever.  Acknowledged late as a whole: a worker killed midway leaves the
+    task to be delivered again, and the ids it had finished are then no-ops.
     """
     ids = [inbound_ids] if isinstance(inbound_ids, int) else list(inbound_ids)
-    deferred: list[int] = []
-    done: list[dict[str, Any]] = []
-    # task_time_limit is per task: past half of it the rest goes back to the queue as a new
-    # task, so every mail keeps at least half the limit (a slow mail late in a task is not cut
-    # off and counted as a failed attempt for its position).
-    handback_after = time.monotonic() + runtime.settings().worker.task_time_limit / 2
-    for position, inbound_id in enumerate(ids):
-        if position and time.monotonic() > handback_after:
-            log.info("task past half its time limit: %d mail(s) handed back", len(ids) - position)
-            enqueue(ids[position:])  # broker down: the sweep finds them
-            break
-        try:
-            info = runtime.ingestor().process(inbound_id)
-        except InboundNotFound:
-            log.error("inbound %s does not exist; dropping it", inbound_id,
-                      extra={"inbound_id": inbound_id})
-            continue
-        except ParentPending as exc:
-            log.info("inbound %s: %s", inbound_id, exc, extra={"inbound_id": inbound_id})
-            deferred.append(inbound_id)
-            continue
-        except TransientError as exc:
-            _retry(self, [*deferred, *ids[position:]], exc)
+    # task_time_limit is per task: past half of it the mails not begun go back to the queue as
+    # a new task, so every mail keeps at least half the limit (a slow mail late in a task is
+    # not cut off and counted as a failed attempt for its position).
+    deadline = time.monotonic() + runtime.settings().worker.task_time_limit / 2
+    try:
+        results = runtime.ingestor().process_many(ids, deadline)
+    except TransientError as exc:  # database down: the whole task again (done ids are no-ops)
+        _retry(self, ids, exc)
+    for inbound_id in results.missing:
+        log.error("inbound %s does not exist; dropping it", inbound_id,
+                  extra={"inbound_id": inbound_id})
+    for info in results.infos.values():
         metrics.count_processed(info.Action)
-        done.append({"InboundId": info.InboundId, "Action": info.Action,
-                     "TicketId": info.TicketId})
-    if deferred:
-        _retry(self, deferred, ParentPending(f"inbound {deferred} wait for their parents"))
-    return {"processed": done}
+    if results.left:
+        log.info("task past half its time limit: %d mail(s) handed back", len(results.left))
+        enqueue(results.left)  # broker down: the sweep finds them
+    if results.deferred:
+        _retry(self, results.deferred, ParentPending(
+            f"inbound {results.deferred} wait for their parents"))
+    return {"processed": [{"InboundId": info.InboundId, "Action": info.Action,
+                           "TicketId": info.TicketId} for info in results.infos.values()]}
 
 
 def _retry(task: Any, ids: list[int], exc: TransientError) -> NoReturn:
@@ -145,13 +139,23 @@ def sweep() -> int:
 
 
 def enqueue(inbound_ids: list[int]) -> bool:
-    """Hand ids to the broker.  False if the broker is unreachable: the mails are already
-    spooled, and the sweep will pick them up, so the SMTP answer stays 250."""
-    try:
-        for start in range(0, len(inbound_ids), IDS_PER_TASK):
-            process_inbound.apply_async((list(inbound_ids[start:start + IDS_PER_TASK]),),
-                                        retry=False)
-    except Exception as exc:  # broker down: kombu raises many types
-        log.warning("broker unavailable (%s); %d mail(s) left for the sweep", exc, len(inbound_ids))
-        return False
-    return True
+    """Hand ids to the broker, up to :data:`IDS_PER_TASK` per task.  False if the broker is
+    unreachable: the mails are already spooled, and the sweep will pick them up, so the SMTP
+    answer stays 250.  One failed publish is tried again after a moment: the embedded broker
+    (kombu's SQL transport) can fail the first publish of a process with a unique-constraint
+    race when another process creates the queue's row at the same instant."""
+    chunks = [list(inbound_ids[start:start + IDS_PER_TASK])
+              for start in range(0, len(inbound_ids), IDS_PER_TASK)]
+    for attempt in range(2):
+        try:
+            while chunks:
+                process_inbound.apply_async((chunks[0],), retry=False)
+                chunks.pop(0)
+            return True
+        except Exception as exc:  # broker down: kombu raises many types
+            if attempt == 0:
+                time.sleep(PUBLISH_RETRY_SECONDS)
+                continue
+            log.warning("broker unavailable (%s); %d mail(s) left for the sweep", exc,
+                        sum(len(chunk) for chunk in chunks))
+    return False

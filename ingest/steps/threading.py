@@ -163,14 +163,19 @@ def _wait_for_spooled_parent(ctx: MailContext) -> None:
     waited = (utcnow() - ctx.inbound.received_at).total_seconds()
     if waited > ctx.settings.worker.parent_wait_seconds:
         return
-    parent = ctx.session.scalar(
+    # A parent processed earlier in the same worker batch is still "received" in the table
+    # until the batch writes its final states: it counts as processed.
+    finished = ({state["inbound"] for state in ctx.batch.final_states}
+                if ctx.batch is not None else set())
+    parents = ctx.session.scalars(
         select(InboundMail.id).where(
             InboundMail.state == "received",
             InboundMail.mailbox_id == ctx.inbound.mailbox_id,
             InboundMail.header_message_id.in_(ids),
             InboundMail.id < ctx.inbound.id,
-        ).limit(1)
-    )
+        ).limit(len(finished) + 1)
+    ).all()
+    parent = next((p for p in parents if p not in finished), None)
     if parent is not None:
         ctx.trace.add("thread", f"waiting for inbound {parent}, which this mail answers")
         raise ParentPending(f"inbound {ctx.inbound.id} waits for its parent, inbound {parent}")

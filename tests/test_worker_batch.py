@@ -1,0 +1,138 @@
+"""A worker task's ids in one transaction (``pipeline.process_inbound_many``), on SQLite and
+PostgreSQL: same results as one by one, poison mail isolated, a failed batch redone one by one,
+replies that wait for a parent outside the batch deferred without counting an attempt."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, update
+
+from ingest import pipeline
+from ingest.config import load_settings
+from ingest.context import MailContext, Outcome
+from ingest.models import InboundMail, Message, Ticket
+from ingest.service import Ingestor
+from tests.test_pipeline import CONFIG, count, mail
+
+
+@pytest.fixture
+def ing(make_ingestor: Callable[..., Ingestor], tmp_path: Path) -> Ingestor:
+    return make_ingestor(CONFIG.format(reopen="reopen"), tmp_path)
+
+
+def spool(ing: Ingestor, *raws: bytes) -> list[int]:
+    return [ing.receive(raw, 1, "smtp") for raw in raws]
+
+
+def records(ing: Ingestor, ids: list[int]) -> dict[int, tuple[str, int, int | None]]:
+    with ing.session() as s:
+        rows = s.execute(select(InboundMail.id, InboundMail.state, InboundMail.attempts,
+                                InboundMail.ticket_message_id)
+                         .where(InboundMail.id.in_(ids))).all()
+    return {row.id: (row.state, row.attempts, row.ticket_message_id) for row in rows}
+
+
+def test_a_batch_gives_what_one_by_one_gives(make_ingestor: Callable[..., Ingestor],
+                                             tmp_path: Path) -> None:
+    stream = [
+        mail("Printer broken", message_id="p1@techcorp.com"),
+        mail("Re: Printer broken", message_id="p2@techcorp.com",
+             In_Reply_To="<p1@techcorp.com>"),  # its parent is earlier in the same batch
+        mail("Invoice missing", sender="Ann <ann@shop.example>", message_id="i1@shop.example"),
+        mail("Printer broken", message_id="p1@techcorp.com"),  # a second delivery
+        mail("Spam", sender="x@blocked.example", message_id="s1@blocked.example"),
+    ]
+    batched = make_ingestor(CONFIG.format(reopen="reopen"), tmp_path)
+    ids = spool(batched, *stream)
+    results = batched.process_many(ids)
+    config = tmp_path / "one-by-one.toml"
+    config.write_text(CONFIG.format(reopen="reopen"), encoding="utf-8")
+    single = Ingestor(load_settings(config, database_url=f"sqlite:///{tmp_path / 'one.db'}"))
+    try:
+        one_by_one = [single.process(i) for i in spool(single, *stream)]
+    finally:
+        single.close()
+
+    def summary(info: object) -> tuple[object, ...]:
+        return tuple(getattr(info, f) for f in (
+            "Action", "TicketId", "Title", "OwnerName", "CategoryName", "PersonName", "Reason"))
+
+    assert [summary(results.infos[i]) for i in ids] == [summary(i) for i in one_by_one]
+    assert [results.infos[i].Action for i in ids] == [
+        "created", "appended", "created", "duplicate", "rejected"]
+    assert results.deferred == [] and results.missing == []
+    stored = records(batched, ids)
+    assert [stored[i][:2] for i in ids] == [
+        ("created", 1), ("appended", 1), ("created", 1), ("duplicate", 1), ("rejected", 1)]
+    with batched.session() as s:  # the message rows the batch wrote at its end are linked
+        linked = {i: s.get(Message, stored[i][2]) for i in ids[:3]}
+        assert [m.message_id for m in linked.values() if m] == [
+            "p1@techcorp.com", "p2@techcorp.com", "i1@shop.example"]
+        ticket = s.get(Ticket, results.infos[ids[0]].TicketId)
+        assert ticket is not None and ticket.num_messages == 2
+
+
+def test_a_reply_whose_parent_is_outside_the_task_waits_without_an_attempt(ing: Ingestor
+                                                                           ) -> None:
+    parent, reply, other = spool(ing, mail("Printer broken", message_id="p1@techcorp.com"),
+                                 mail("Re: Printer broken", message_id="p2@techcorp.com",
+                                      In_Reply_To="<p1@techcorp.com>"),
+                                 mail("Other", message_id="o1@techcorp.com"))
+    results = ing.process_many([reply, other])
+    assert results.deferred == [reply]
+    assert results.infos[other].Action == "created"
+    assert records(ing, [reply])[reply][:2] == ("received", 0)
+    ing.process(parent)
+    assert ing.process_many([reply]).infos[reply].Action == "appended"
+
+
+def test_mail_started_before_goes_one_by_one(ing: Ingestor) -> None:
+    """A worker died on this task once: every record of it was started, so each now runs on
+    its own and a poison mail cannot take the others down with it again."""
+    ids = spool(ing, mail("A", message_id="a@x"), mail("B", message_id="b@x"))
+    with ing.session() as s:
+        s.execute(update(InboundMail).where(InboundMail.id.in_(ids)).values(attempts=1))
+        s.commit()
+    results = ing.process_many(ids)
+    assert [results.infos[i].Action for i in ids] == ["created", "created"]
+    assert [records(ing, ids)[i][:2] for i in ids] == [("created", 2), ("created", 2)]
+
+
+@pytest.fixture
+def failing_step(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A pipeline step that raises on one mail, as a bug meeting a strange mail would."""
+
+    def explode(ctx: MailContext) -> Outcome | None:
+        if ctx.mail.subject == "boom":
+            raise ValueError("boom")
+        return None
+
+    monkeypatch.setattr(pipeline, "STEPS", (*pipeline.STEPS, explode))
+    yield
+
+
+@pytest.mark.usefixtures("failing_step")
+def test_a_failed_batch_is_redone_one_by_one_and_only_the_culprit_is_quarantined(
+        ing: Ingestor) -> None:
+    ids = spool(ing, mail("A", message_id="a@x"), mail("boom", message_id="b@x"),
+                mail("C", message_id="c@x"))
+    results = ing.process_many(ids)
+    assert [results.infos[i].Action for i in ids] == ["created", "quarantined", "created"]
+    assert "ValueError: boom" in (results.infos[ids[1]].Reason or "")
+    # the batch's start was taken back: each record counts the one start that finished it
+    assert [records(ing, ids)[i][:2] for i in ids] == [
+        ("created", 1), ("quarantined", 1), ("created", 1)]
+    assert count(ing, Ticket) == 2
+
+
+def test_the_deadline_leaves_the_rest_for_another_task(ing: Ingestor) -> None:
+    ids = spool(ing, mail("A", message_id="a@x"), mail("B", message_id="b@x"))
+    with ing.session() as s:  # not fresh, so they run one by one, where the deadline applies
+        s.execute(update(InboundMail).where(InboundMail.id.in_(ids)).values(attempts=1))
+        s.commit()
+    results = ing.process_many(ids, deadline=0.0)
+    assert results.infos == {} and results.left == ids
+    assert [records(ing, ids)[i][:2] for i in ids] == [("received", 1), ("received", 1)]
