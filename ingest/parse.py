@@ -109,6 +109,7 @@ class ParsedMail:
     # What kind of mail it is, from the mail alone; None until the classify step (or a replay
     # helper) has looked.
     classification: Classification | None = None
+    by_helper: bool = False  # parsed in a replay helper process (the trace says so)
     defects: list[str] = field(default_factory=list)
     header_block: str = ""
     header_charset: str | None = None  # the hint for raw 8-bit header bytes, see header_charset()

@@ -33,6 +33,7 @@ from ingest.context import BatchState, Claim, MailContext, Outcome, Trace
 from ingest.errors import AttemptsExhausted, InboundNotFound, ParentPending, TransientError
 from ingest.models import FINAL_STATES, InboundMail, utcnow
 from ingest.parse import ParsedMail
+from ingest.prepare import prepare_mail
 from ingest.reply import visible_reply
 from ingest.steps.authenticate import authenticate
 from ingest.steps.automail import stop_unreferenced_automatic_mail
@@ -358,8 +359,15 @@ def _process_spooled_batch(ingestor: Ingestor, inbound_ids: list[int],
             inbounds = [InboundMail(**row._mapping) for row in rows]
             batch = BatchState(claims=read_claims(session, list(
                 {spool.dedupe_claim(i.mailbox_id, i.idempotency_key) for i in inbounds})))
+            # Parsed first, so that what the mails will look up is read with one query each.
+            max_bytes = ingestor.settings.service.max_message_bytes
+            parsed = [prepare_mail(i.raw, max_bytes) for i in inbounds]
+            ready = [mail for mail in parsed if mail is not None]
+            read_message_tickets(session, batch, (i for m in ready for i in referenced_ids(m)))
+            read_tickets(session, batch, ready, ingestor.settings.service)
+            read_persons(session, ready)
             deferred: list[int] = []
-            for left, inbound in enumerate(inbounds):
+            for left, (inbound, mail) in enumerate(zip(inbounds, parsed, strict=True)):
                 batch.mails_left = len(inbounds) - left
                 if inbound.state in FINAL_STATES:  # finished by another worker meanwhile
                     results.infos[inbound.id] = (TicketInfo(**inbound.result) if inbound.result
@@ -367,7 +375,7 @@ def _process_spooled_batch(ingestor: Ingestor, inbound_ids: list[int],
                     continue
                 try:
                     info, _ctx = _process_in(session, inbound, inbound.raw, ingestor,
-                                             can_defer=True, batch=batch)
+                                             can_defer=True, prepared=mail, batch=batch)
                 except ParentPending:  # raised before the mail wrote anything
                     deferred.append(inbound.id)
                     continue

@@ -91,16 +91,23 @@ class Prepared:
 
 def prepare(raw: bytes, max_bytes: int) -> Prepared:
     """The spool digest, the parse step's work and the visible reply of one mail."""
-    digest = spool.raw_digest(raw)
-    if len(raw) > max_bytes:  # the pipeline rejects it before parsing
-        return Prepared(*digest, None)
+    return Prepared(*spool.raw_digest(raw), prepare_mail(raw, max_bytes))
+
+
+def prepare_mail(raw: bytes, max_bytes: int) -> ParsedMail | None:
+    """What the pipeline can work out from the bytes alone, ahead of its steps: the parsed mail
+    with its visible reply and classification.  None where the pipeline must parse itself: a
+    mail it rejects before parsing, or one whose parse fails (the step meets the error and
+    records it)."""
+    if len(raw) > max_bytes:
+        return None
     try:
         mail = parse_mail(raw)
         mail.visible_text = visible_reply(mail.text)
         mail.classification = classify_mail(mail)
-    except Exception:  # the main process parses again and records the error
-        return Prepared(*digest, None)
-    return Prepared(*digest, mail)
+    except Exception:
+        return None
+    return mail
 
 
 def _prepare_chunk(raws: list[bytes], max_bytes: int) -> list[bytes | None]:
@@ -108,6 +115,8 @@ def _prepare_chunk(raws: list[bytes], max_bytes: int) -> list[bytes | None]:
     results: list[bytes | None] = []
     for raw in raws:
         prepared = prepare(raw, max_bytes)
+        if prepared.mail is not None:
+            prepared.mail.by_helper = True
         try:
             results.append(pickle.dumps(prepared, protocol=pickle.HIGHEST_PROTOCOL))
         except Exception:  # e.g. recursion on a pathological MIME tree: the digest at least

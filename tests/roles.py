@@ -60,6 +60,18 @@ class Role:
                                      + self.log_text()[-4000:])
             time.sleep(0.1)
 
+    def restart_if_exited(self) -> int | None:
+        """Start the role again if it has exited, as ``ticketgate serve``'s supervisor and the
+        containers' restart policy do; the exit code, or None while it runs."""
+        if self.proc is None or self.proc.poll() is None:
+            return None
+        code = self.proc.returncode
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        self.start()
+        return code
+
     def kill_group(self, sig: signal.Signals = signal.SIGKILL) -> None:
         proc, self.proc = self.proc, None
         if proc is None:

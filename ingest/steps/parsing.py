@@ -18,7 +18,7 @@ def is_empty(mail: ParsedMail) -> bool:
 
 
 def parse(ctx: MailContext) -> Outcome | None:
-    if ctx.prepared is not None:  # parsed ahead by a replay helper (ingest.prepare)
+    if ctx.prepared is not None:  # parsed ahead (ingest.prepare: a replay helper, a worker batch)
         mail = ctx.prepared
     else:
         try:
@@ -45,6 +45,6 @@ def parse(ctx: MailContext) -> Outcome | None:
         subject=mail.subject[:200],
         message_id=mail.message_id,
         defects=len(mail.defects),
-        **({"helper": True} if ctx.prepared is not None else {}),
+        **({"helper": True} if mail.by_helper else {}),
     )
     return None
