@@ -688,7 +688,12 @@ def test_server_without_starttls_is_refused_before_any_login(
     assert "does not offer STARTTLS" in state.last_error
     sessions = [line for line in dovecot.log_text().splitlines()
                 if f"lip={NO_TLS_ADDRESS}" in line]
-    assert sessions and all("no auth attempts" in line for line in sessions)
+    # Dovecot words a session that ended before any AUTHENTICATE/LOGIN two ways, by whether its
+    # auth process was ready when the client left (seen under load).
+    never_authenticated = ("no auth attempts", "disconnected before auth was ready")
+    assert sessions and all(any(phrase in line for phrase in never_authenticated)
+                            for line in sessions), sessions
+    assert not any("Login:" in line or "auth failed" in line for line in sessions)
 
 
 def test_plaintext_only_when_asked_for_on_loopback(
