@@ -5,7 +5,7 @@ Reliability settings, and why:
 * ``task_acks_late`` + ``task_reject_on_worker_lost``: a message is acknowledged after the task
   finished, so a worker killed mid-task leaves it to be redelivered;
 * ``worker_prefetch_multiplier = 1``: a dying worker holds at most one unacknowledged message;
-* JSON only: tasks carry an inbound id, never mail bytes or pickles;
+* JSON only: tasks carry inbound ids (up to 16), never mail bytes or pickles;
 * the sweep re-enqueues spooled records that are still ``received`` after ``worker.sweep_age``
   seconds, which covers what the broker itself can lose (a Redis restart without persistence);
 * processing is idempotent (row lock + final-state check), so a task delivered twice is harmless.
