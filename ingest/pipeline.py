@@ -16,6 +16,7 @@ reason); either is replayable with ``ticketgate quarantine replay``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import traceback
@@ -268,7 +269,8 @@ class SpooledResults:
 def process_inbound_many(ingestor: Ingestor, inbound_ids: Sequence[int],
                          deadline: float | None = None) -> SpooledResults:
     """:func:`process_inbound` for several spooled records (one worker task), with one
-    transaction and one commit for those never started before.
+    transaction and one commit for those never started before (on PostgreSQL, see
+    :func:`_batches`).
 
     Poison mail stays isolated: a record whose processing was started before (a worker died
     on it or on its task) goes the one-by-one path, as does a mail over
@@ -282,11 +284,13 @@ def process_inbound_many(ingestor: Ingestor, inbound_ids: Sequence[int],
     begun after ``deadline`` (``time.monotonic()``): those are returned in ``left``.
     """
     results = SpooledResults()
-    fresh = _start_fresh(ingestor, inbound_ids) if len(inbound_ids) > 1 else []
+    fresh = _start_fresh(ingestor, inbound_ids) if _batches(ingestor, inbound_ids) else []
     if fresh:
         try:
             _process_spooled_batch(ingestor, fresh, results)
         except TransientError:
+            with contextlib.suppress(Exception):  # best effort: the database may be down
+                _forget_attempts(ingestor, fresh)
             raise
         except Exception as exc:  # one by one below, from the records' unchanged state
             log.info("batch of %d spooled mails failed (%s: %s); one by one",
@@ -310,6 +314,18 @@ def process_inbound_many(ingestor: Ingestor, inbound_ids: Sequence[int],
     return results
 
 
+def _batches(ingestor: Ingestor, inbound_ids: Sequence[int]) -> bool:
+    """Whether a task's fresh records may share a transaction.
+
+    Only on PostgreSQL, whose row locks leave the listener's spool INSERTs alone; SQLite's one
+    write lock would be held for the whole batch, DNS lookups included, and the listener waits
+    on it.  Only with ``max_attempts`` of 2 or more: a worker that dies in a batch leaves one
+    counted start on every mail of it, which must not exhaust an innocent mail's attempts.
+    """
+    return (len(inbound_ids) > 1 and ingestor.engine.dialect.name == "postgresql"
+            and ingestor.settings.worker.max_attempts >= 2)
+
+
 # Larger mails run one by one: a batch holds all its mails' bytes and parses at once.
 BATCH_MAX_MAIL_BYTES = 1024 * 1024
 _START_FRESH = (
@@ -328,7 +344,8 @@ _LOCK_RECORDS = (
 )
 _FORGET_ATTEMPTS = (
     update(InboundMail)
-    .where(InboundMail.id.in_(bindparam("ids", expanding=True)), InboundMail.attempts > 0)
+    .where(InboundMail.id.in_(bindparam("ids", expanding=True)), InboundMail.attempts > 0,
+           InboundMail.state.not_in(FINAL_STATES))
     .values(attempts=InboundMail.attempts - 1)
 )
 
@@ -359,13 +376,13 @@ def _process_spooled_batch(ingestor: Ingestor, inbound_ids: list[int],
             inbounds = [InboundMail(**row._mapping) for row in rows]
             batch = BatchState(claims=read_claims(session, list(
                 {spool.dedupe_claim(i.mailbox_id, i.idempotency_key) for i in inbounds})))
-            # Parsed first, so that what the mails will look up is read with one query each.
+            # Parsed first, so that the persons the mails name are read with one query.  Not
+            # the Message-IDs and tickets they answer, as a replay batch does: other workers
+            # commit while this batch runs, and a parent they finish must be found (a person
+            # created meanwhile only costs this batch a retry one by one, on the unique key).
             max_bytes = ingestor.settings.service.max_message_bytes
             parsed = [prepare_mail(i.raw, max_bytes) for i in inbounds]
-            ready = [mail for mail in parsed if mail is not None]
-            read_message_tickets(session, batch, (i for m in ready for i in referenced_ids(m)))
-            read_tickets(session, batch, ready, ingestor.settings.service)
-            read_persons(session, ready)
+            read_persons(session, [mail for mail in parsed if mail is not None])
             deferred: list[int] = []
             for left, (inbound, mail) in enumerate(zip(inbounds, parsed, strict=True)):
                 batch.mails_left = len(inbounds) - left

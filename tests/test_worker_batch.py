@@ -1,6 +1,8 @@
-"""A worker task's ids in one transaction (``pipeline.process_inbound_many``), on SQLite and
-PostgreSQL: same results as one by one, poison mail isolated, a failed batch redone one by one,
-replies that wait for a parent outside the batch deferred without counting an attempt."""
+"""A worker task's ids in one transaction (``pipeline.process_inbound_many``): same results as
+one by one, poison mail isolated, a failed batch redone one by one, replies that wait for a
+parent outside the batch deferred without counting an attempt.  The batch is PostgreSQL's
+(``pipeline._batches``); on SQLite the same calls run one by one, and the same assertions hold,
+which is what the SQLite half of each test checks."""
 
 from __future__ import annotations
 
@@ -126,6 +128,18 @@ def test_a_failed_batch_is_redone_one_by_one_and_only_the_culprit_is_quarantined
     assert [records(ing, ids)[i][:2] for i in ids] == [
         ("created", 1), ("quarantined", 1), ("created", 1)]
     assert count(ing, Ticket) == 2
+
+
+def test_no_batch_on_sqlite_nor_with_a_single_attempt(make_ingestor: Callable[..., Ingestor],
+                                                      tmp_path: Path, db_url: str) -> None:
+    """SQLite's single write lock would be held for the whole batch; and with max_attempts = 1
+    a worker dying in a batch would exhaust every mail of it."""
+    ing = make_ingestor(CONFIG.format(reopen="reopen"), tmp_path)
+    assert pipeline._batches(ing, [1, 2]) == db_url.startswith("postgresql")
+    assert not pipeline._batches(ing, [1])
+    single = make_ingestor(CONFIG.format(reopen="reopen") + "\n[worker]\nmax_attempts = 1\n",
+                           tmp_path)
+    assert not pipeline._batches(single, [1, 2])
 
 
 def test_the_deadline_leaves_the_rest_for_another_task(ing: Ingestor) -> None:

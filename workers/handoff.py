@@ -40,6 +40,7 @@ class GroupedHandoff:
         self._waiting: list[int] = []
         self._first_at = 0.0  # when the oldest waiting id came (time.monotonic())
         self._sender: threading.Thread | None = None
+        self._sending = threading.Lock()  # one publish at a time (flush waits for the thread's)
 
     def __call__(self, inbound_ids: list[int]) -> bool:
         """Take the ids; True (the broker's answer comes later, and only counts in metrics)."""
@@ -55,11 +56,11 @@ class GroupedHandoff:
         return True
 
     def flush(self) -> None:
-        """Send whatever is waiting now (shutdown)."""
+        """Send whatever is waiting now, after a publish the sender thread has under way
+        (shutdown: the process may exit when this returns)."""
         with self._ready:
             group, self._waiting = self._waiting, []
-        if group:
-            self._send(group)
+        self._send(group)  # with nothing to send, still waits for the thread's publish
 
     def _run(self) -> None:
         while True:
@@ -76,7 +77,11 @@ class GroupedHandoff:
                 self._send(group)
 
     def _send(self, group: list[int]) -> None:
-        try:
-            self._enqueue(group)
-        except Exception:  # the sweep enqueues them later; the mails are spooled already
-            log.exception("hand-off of %d spooled id(s) failed; left for the sweep", len(group))
+        with self._sending:
+            if not group:
+                return
+            try:
+                self._enqueue(group)
+            except Exception:  # the sweep enqueues them later; the mails are spooled already
+                log.exception("hand-off of %d spooled id(s) failed; left for the sweep",
+                              len(group))
