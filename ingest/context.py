@@ -70,7 +70,7 @@ class Claim:
 
 @dataclass(slots=True)
 class PendingMessage:
-    """A replay batch's message row, written with the batch's others (ingest.steps.store)."""
+    """A batch's message row, written with the batch's others (ingest.steps.store)."""
 
     row: dict[str, Any]
     attachments: list[dict[str, Any]]

@@ -6,7 +6,9 @@ Runs inside the same transaction as the inbound record's final state (see
 New rows are written with Core ``INSERT`` statements on the session's connection, not through
 the ORM's unit of work: the ORM's bookkeeping per object was the largest single cost of a
 mail after parsing (about 1 ms of 5.8 on SQLite).  Only an existing ticket, loaded by the
-threading step, is changed through the ORM.
+threading step, is changed through the ORM.  In a batch (a replay's, a worker task's) the
+message rows and their attachments wait for the batch's end and go in one statement each
+(:func:`write_messages`).
 """
 
 from __future__ import annotations
