@@ -210,15 +210,6 @@ def _locked_record(session: Session, inbound_id: int) -> InboundMail | None:
     return InboundMail(**row._mapping) if row is not None else None
 
 
-def _forget_attempt(ingestor: Ingestor, inbound_id: int) -> None:
-    """A deferral (ParentPending) is not a failed attempt."""
-    with ingestor.sessions() as session:
-        inbound = session.get(InboundMail, inbound_id, with_for_update=True)
-        if inbound is not None and inbound.attempts:
-            inbound.attempts -= 1
-            session.commit()
-
-
 def process_inbound(ingestor: Ingestor, inbound_id: int) -> TicketInfo:
     """Process a spooled record (SMTP, IMAP, worker and sweep path).  Idempotent."""
     attempts = _start_attempt(ingestor, inbound_id)
@@ -243,7 +234,7 @@ def process_inbound(ingestor: Ingestor, inbound_id: int) -> TicketInfo:
                 continue
             except ParentPending:
                 session.rollback()
-                _forget_attempt(ingestor, inbound_id)
+                _forget_attempts(ingestor, [inbound_id])  # a deferral is no failed attempt
                 raise
             except OperationalError as exc:
                 session.rollback()
@@ -350,6 +341,16 @@ _FORGET_ATTEMPTS = (
 )
 
 
+def _write_batch(session: Session, batch: BatchState) -> None:
+    """What a batch (replay or worker) keeps for its end: unused ticket numbers given back,
+    message rows, ticket counts, then the final states that name those rows."""
+    return_ticket_numbers(session, batch)
+    write_messages(session, batch)
+    write_ticket_counts(session, batch)
+    if batch.final_states:
+        session.connection().execute(_FINAL_STATE, batch.final_states)
+
+
 def _start_fresh(ingestor: Ingestor, inbound_ids: Sequence[int]) -> list[int]:
     """Count the start of the records never started before, in its own commit; their ids."""
     with ingestor.sessions() as session:
@@ -363,6 +364,7 @@ def _start_fresh(ingestor: Ingestor, inbound_ids: Sequence[int]) -> list[int]:
 
 
 def _forget_attempts(ingestor: Ingestor, inbound_ids: Sequence[int]) -> None:
+    """Take back counted starts that did not fail: a deferral, a batch rolled back."""
     with ingestor.sessions() as session:
         session.connection().execute(_FORGET_ATTEMPTS, {"ids": list(inbound_ids)})
         session.commit()
@@ -397,11 +399,7 @@ def _process_spooled_batch(ingestor: Ingestor, inbound_ids: list[int],
                     deferred.append(inbound.id)
                     continue
                 results.infos[inbound.id] = info
-            return_ticket_numbers(session, batch)
-            write_messages(session, batch)
-            write_ticket_counts(session, batch)
-            if batch.final_states:
-                session.connection().execute(_FINAL_STATE, batch.final_states)
+            _write_batch(session, batch)
             if deferred:  # a deferral is not a failed attempt
                 session.connection().execute(_FORGET_ATTEMPTS, {"ids": deferred})
             session.commit()
@@ -477,11 +475,7 @@ def process_new_batch(ingestor: Ingestor, inbounds: Sequence[InboundMail],
                 batch.mails_left = len(inbounds) - left
                 infos.append(_process_in(session, inbound, raw, ingestor, prepared=mail,
                                          batch=batch)[0])
-            return_ticket_numbers(session, batch)
-            write_messages(session, batch)
-            write_ticket_counts(session, batch)
-            if batch.final_states:
-                session.connection().execute(_FINAL_STATE, batch.final_states)
+            _write_batch(session, batch)
             session.commit()
         except Exception:  # each mail's own path below sorts it out
             session.rollback()
