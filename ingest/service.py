@@ -56,6 +56,17 @@ class RecordedError(InvalidMail):
 
 
 @dataclass(frozen=True, slots=True)
+class SpoolRequest:
+    """One mail for :meth:`Ingestor.receive_group`: its bytes, the mailboxes it goes to (one
+    record each) and what the door knew."""
+
+    raw: bytes
+    mailbox_ids: list[int]
+    source: str = ""
+    envelope: Envelope | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Spooled:
     """One mail handed to :meth:`Ingestor.receive_batch`."""
 
@@ -117,6 +128,36 @@ class Ingestor:
         with self.sessions() as session:
             spool.store_all(session, records)
             return [r.id for r in records]
+
+    def receive_group(self, requests: Sequence[SpoolRequest], door: str
+                      ) -> list[list[int] | SpoolError]:
+        """Spool several independent mails with one commit (group commit): per request, its
+        inbound ids, or the :class:`SpoolError` that kept it out.
+
+        The SMTP listener gathers the mails its concurrent sessions finish while the previous
+        commit runs; one transaction and one commit for all of them cost the database and the
+        listener far less than one each.  The requests are unrelated, so one that the database
+        refuses (text it cannot store, a full disk) must not fail the others: when the group's
+        transaction fails, it is rolled back and every request is tried again on its own.
+        """
+        records = [[spool.new_inbound(r.raw, m, door, r.source, r.envelope)
+                    for m in r.mailbox_ids] for r in requests]
+        with self.sessions() as session:
+            try:
+                spool.store_all(session, [record for group in records for record in group])
+            except SpoolError as exc:
+                if len(requests) == 1:
+                    return [exc]
+            else:
+                return [[record.id for record in group] for group in records]
+        results: list[list[int] | SpoolError] = []
+        for request in requests:
+            try:
+                results.append(self.receive_many(request.raw, request.mailbox_ids, door,
+                                                 request.source, request.envelope))
+            except SpoolError as exc:
+                results.append(exc)
+        return results
 
     def receive_batch(self, items: Sequence[tuple[bytes, str]], mailbox_id: int, door: str,
                       envelope: Envelope | None = None,

@@ -29,8 +29,9 @@ from sqlalchemy import Engine, event
 
 from ingest.config import Settings
 from ingest.errors import SpoolError
-from ingest.service import Ingestor
+from ingest.service import Ingestor, SpoolRequest
 from ingest.spool import Envelope as SpoolEnvelope
+from workers.group_commit import GroupCommit
 
 log = logging.getLogger("ticketgate.smtp")
 
@@ -50,6 +51,10 @@ UNDECLARED_SIZE = 256 * 1024
 # connection that had carried a 20 MB mail held 20 MB for good.
 LARGE_WRITE_BYTES = 1024 * 1024
 _large_write = threading.local()
+# Smaller mails are spooled by group commit: at most this many mails, and this many of their
+# bytes, in one transaction.
+GROUP_COMMIT_MAX_MAILS = 32
+GROUP_COMMIT_MAX_BYTES = 4 * LARGE_WRITE_BYTES
 # While the spool backlog is under [smtp] backlog_limit, MAIL reads the exact count from the
 # database at most this often (see SpoolingHandler._backlog).
 BACKLOG_REFRESH_SECONDS = 1.0
@@ -530,6 +535,10 @@ class SpoolingHandler:
         self._backlog_count = 0  # the backlog as last read from the database
         self._backlog_read_at = float("-inf")  # when (time.monotonic())
         self._spooled_since_read = 0  # records this listener spooled since then
+        # Mails up to LARGE_WRITE_BYTES share their spool transactions (workers/group_commit.py).
+        self.group_commit: GroupCommit[SpoolRequest, list[int]] = GroupCommit(
+            self._spool_group_and_enqueue, max_items=GROUP_COMMIT_MAX_MAILS,
+            max_bytes=GROUP_COMMIT_MAX_BYTES)
 
     async def _backlog(self) -> int:
         """The spool backlog for MAIL's check, without a COUNT query for every mail.
@@ -560,6 +569,16 @@ class SpoolingHandler:
             _large_write.active = False
         self.enqueue(ids)
         return ids
+
+    def _spool_group_and_enqueue(self, requests: list[SpoolRequest]
+                                 ) -> list[list[int] | SpoolError]:
+        """The group commit's write: the group's mails in one transaction, then their ids to
+        the broker at once."""
+        results = self.ingestor.receive_group(requests, "smtp")
+        ids = [i for result in results if not isinstance(result, SpoolError) for i in result]
+        if ids:
+            self.enqueue(ids)
+        return results
 
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
                           hostname: str, responses: list[str]) -> list[str]:
@@ -633,9 +652,14 @@ class SpoolingHandler:
         spool_envelope = SpoolEnvelope(mail_from=envelope.mail_from,
                                        rcpt_to=list(envelope.rcpt_tos),
                                        client_ip=peer_ip, helo=_stored_helo(session.host_name))
+        source = f"smtp {peer_ip} {queue_id}"
         try:
-            ids = await asyncio.to_thread(self._spool_and_enqueue, raw, mailboxes,
-                                          f"smtp {peer_ip} {queue_id}", spool_envelope)
+            if len(raw) > LARGE_WRITE_BYTES:  # alone, on a connection closed afterwards
+                ids = await asyncio.to_thread(self._spool_and_enqueue, raw, mailboxes, source,
+                                              spool_envelope)
+            else:
+                ids = await self.group_commit.submit(
+                    SpoolRequest(raw, mailboxes, source, spool_envelope), len(raw))
         except SpoolError as exc:
             log.error("spool failed for %s from %s: %s", queue_id, peer_ip, exc)
             return "451 4.3.0 Temporary failure storing the message, try again later"
