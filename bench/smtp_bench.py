@@ -394,11 +394,16 @@ def send_stream(port: int, mails: list[Mail], clients: int, rate: float | None =
                 on_sent: Callable[[Sent], None] | None = None) -> list[Sent]:
     """``clients`` threads, one SMTP connection each (reused, as an MTA's connection cache
     does), take the next mail from a shared counter.  With ``rate``, mail i is not started
-    before t0 + i/rate (an open-loop schedule); otherwise as fast as the server answers."""
+    before t0 + i/rate (an open-loop schedule); otherwise as fast as the server answers.
+
+    The schedule starts once every client has its connection: the listener holds its greeting
+    back (``[smtp] greeting_delay``, 1 s), and a schedule that started before the greetings made
+    the first second's mails one burst, a backlog the paced run then carried to its end."""
     counter = itertools.count()
     lock = threading.Lock()
     results: list[Sent] = []
-    t0 = time.time() + 0.2
+    start = {"t0": 0.0}
+    connected = threading.Barrier(clients, action=lambda: start.update(t0=time.time() + 0.05))
     errors: list[str] = []
 
     def connect() -> smtplib.SMTP:
@@ -409,6 +414,8 @@ def send_stream(port: int, mails: list[Mail], clients: int, rate: float | None =
 
     def client() -> None:
         conn = connect()
+        connected.wait(timeout=120)
+        t0 = start["t0"]
         while True:
             with lock:
                 index = next(counter)

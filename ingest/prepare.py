@@ -110,6 +110,33 @@ def prepare_mail(raw: bytes, max_bytes: int) -> ParsedMail | None:
     return mail
 
 
+# A small mail with the parts that make first use slow: a multipart/alternative with HTML
+# (the sanitizer, the HTML-to-text converter) and a quoted reply under an attribution line (the
+# quote-header patterns, compiled on first use).
+_WARM_UP_MAIL = (
+    b"From: Warm Up <warm-up@example.invalid>\r\n"
+    b"To: support@example.invalid\r\n"
+    b"Subject: Re: warm-up\r\n"
+    b"Message-ID: <warm-up@example.invalid>\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b"Content-Type: multipart/alternative; boundary=\"warm-up\"\r\n\r\n"
+    b"--warm-up\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+    b"Thanks, that helped.\r\n\r\nOn Mon, 2 Mar 2026 at 10:00, Support <support@example.invalid>"
+    b" wrote:\r\n> Please restart the printer.\r\n\r\n"
+    b"--warm-up\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
+    b"<html><body><p>Thanks, that <b>helped</b>.</p><blockquote>Please restart the printer."
+    b"</blockquote></body></html>\r\n--warm-up--\r\n"
+)
+
+
+def warm_up() -> None:
+    """Prepare one small mail, so that what the first real mail would pay once (patterns
+    compiled on first use, the parser's and sanitizer's first calls) is paid before any mail
+    waits on it.  A Celery worker runs this before it forks its pool, and the pool's processes
+    inherit the result: cold, each process's first task took 0.3 s instead of 0.06 s."""
+    prepare_mail(_WARM_UP_MAIL, len(_WARM_UP_MAIL))
+
+
 def _prepare_chunk(raws: list[bytes], max_bytes: int) -> list[bytes | None]:
     """Run in a helper: each result pickled on its own, so one bad mail spoils no other."""
     results: list[bytes | None] = []

@@ -9,6 +9,8 @@ The helpers never touch the database, so SQLite files stand for both backends he
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -133,3 +135,19 @@ def test_a_helper_that_dies_loses_nothing(fresh_ingestor: Any, monkeypatch: pyte
     assert got_helped < len(mails) - 16, "a dead helper parsed everything?"
     assert any("parse helper" in r.getMessage() and r.levelname == "WARNING"
                for r in caplog.records), "the helper's death went unnoticed"
+
+
+def test_warm_up_fills_what_the_first_mail_would_pay_for() -> None:
+    """A Celery worker warms up before it forks its pool: in a fresh interpreter, warm_up()
+    must leave the quote-header patterns compiled and the sample's quote cut off."""
+    code = (
+        "from ingest import prepare, reply\n"
+        "assert reply._header_patterns.cache_info().currsize == 0\n"
+        "prepare.warm_up()\n"
+        "assert reply._header_patterns.cache_info().currsize == 1\n"
+        "mail = prepare.prepare_mail(prepare._WARM_UP_MAIL, 10**6)\n"
+        "print(repr(mail.visible_text))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == repr("Thanks, that helped.")

@@ -79,8 +79,12 @@ metrics.connect_task_signals()  # count and time every task (exposed with [metri
 @signals.worker_init.connect
 def _load_pipeline(**_kwargs: Any) -> None:
     """Workers process mail: load the pipeline once in the parent, before the pool forks, so
-    its children share those pages (the listener, which only enqueues, never loads it)."""
+    its children share those pages and start warm (the listener, which only enqueues, never
+    loads it)."""
     import ingest.pipeline  # noqa: F401
+    from ingest.prepare import warm_up
+
+    warm_up()
 
 
 @app.task(bind=True, name=PROCESS_TASK, max_retries=None)
