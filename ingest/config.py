@@ -440,6 +440,9 @@ class WorkerSection(_Strict):
     # A reply whose parent mail is still spooled waits at most this long for it (then threads
     # on whatever evidence there is).
     parent_wait_seconds: float = 300.0
+    # ... of which a task first waits this long itself (its parent is usually in another
+    # worker's batch); the rest through the broker's retry, behind whatever is queued.
+    parent_wait_in_task: float = Field(default=2.0, ge=0)
     max_attempts: int = 5  # processing starts before a mail is quarantined as poison
     task_time_limit: float = 300.0  # seconds one mail may take before its worker is recycled
 

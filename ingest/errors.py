@@ -82,7 +82,12 @@ class InvalidFilter(EntityValidationError):
 
 class ParentPending(TransientError):
     """A reply arrived while the mail it answers is still waiting in the spool; processing it
-    now would open a second ticket, so it is retried shortly."""
+    now would open a second ticket, so it is retried shortly.  ``parent_id``: that mail's
+    inbound id, so the retry can wait for exactly it."""
+
+    def __init__(self, message: str, parent_id: int | None = None) -> None:
+        super().__init__(message)
+        self.parent_id = parent_id
 
 
 class AttemptsExhausted(PermanentError):

@@ -250,10 +250,11 @@ class Ingestor:
     def process(self, inbound_id: int) -> TicketInfo:
         return _pipeline().process_inbound(self, inbound_id)
 
-    def process_many(self, inbound_ids: Sequence[int], deadline: float | None = None
-                     ) -> SpooledResults:
-        """:meth:`process` for a worker task's ids, fresh ones in one transaction."""
-        return _pipeline().process_inbound_many(self, inbound_ids, deadline)
+    def process_many(self, inbound_ids: Sequence[int], deadline: float | None = None,
+                     parent_wait: float = 0.0) -> SpooledResults:
+        """:meth:`process` for a worker task's ids, fresh ones in one transaction; replies
+        whose parent is in progress elsewhere wait up to ``parent_wait`` s for it."""
+        return _pipeline().process_inbound_many(self, inbound_ids, deadline, parent_wait)
 
     def ingest(self, raw: bytes, mailbox_id: int, door: str = "replay", source: str = "",
                envelope: Envelope | None = None) -> TicketInfo:

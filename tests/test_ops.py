@@ -328,6 +328,7 @@ def worker_site(tmp_path: Path) -> Iterator[tuple[Path, int, dict[str, str]]]:
         [worker]
         concurrency = 1
         sweep_interval = 3600
+        parent_wait_in_task = 1.0
         [metrics]
         enabled = true
         worker_port = {port}
@@ -348,42 +349,67 @@ def worker_site(tmp_path: Path) -> Iterator[tuple[Path, int, dict[str, str]]]:
             worker.wait()
 
 
-@pytest.mark.timeout(150)
-def test_one_task_carries_several_mails_and_defers_a_reply_alone(
-        worker_site: tuple[Path, int, dict[str, str]], tmp_path: Path) -> None:
-    """``enqueue`` puts up to 16 ids in one task.  On SQLite the task runs them one by one (a
-    batch transaction is PostgreSQL's, tests/test_worker_batch.py): the reply, named first, is
-    deferred (its parent is spooled, not processed) and retried alone, while the task goes on
-    with the parent and a third mail."""
-    _config, port, env = worker_site
-    send = textwrap.dedent("""\
-        from workers import runtime
-        from workers.celery_app import enqueue
-        def mail(n, extra=""):
-            return (f"From: a@example.org\\r\\nSubject: m{n}\\r\\n"
-                    f"Message-ID: <batch-{n}@example.org>\\r\\n{extra}\\r\\nbody\\r\\n").encode()
-        ingestor = runtime.ingestor()
-        parent = ingestor.receive(mail(1), 1, "smtp")
-        reply = ingestor.receive(mail(2, "In-Reply-To: <batch-1@example.org>\\r\\n"), 1, "smtp")
-        other = ingestor.receive(mail(3), 1, "smtp")
-        assert enqueue([reply, parent, other])
-        """)
-    subprocess.run([sys.executable, "-c", send], env=env, cwd=tmp_path, check=True, timeout=30)
-    wanted = ('ticketgate_task_results_total{action="created"} 2.0',
-              'ticketgate_task_results_total{action="appended"} 1.0')
+_BATCH_MAILS = """\
+    from workers import runtime
+    from workers.celery_app import enqueue
+    def mail(n, extra=""):
+        return (f"From: a@example.org\\r\\nSubject: m{n}\\r\\n"
+                f"Message-ID: <batch-{n}@example.org>\\r\\n{extra}\\r\\nbody\\r\\n").encode()
+    ingestor = runtime.ingestor()
+    parent = ingestor.receive(mail(1), 1, "smtp")
+    reply = ingestor.receive(mail(2, "In-Reply-To: <batch-1@example.org>\\r\\n"), 1, "smtp")
+    other = ingestor.receive(mail(3), 1, "smtp")
+    """
+
+
+def _wait_for_metrics(port: int, wanted: tuple[str, ...], log_path: Path) -> str:
     deadline = time.monotonic() + 90
     text = ""
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError):
             text = _get(f"http://127.0.0.1:{port}/metrics")
         if all(line in text for line in wanted):
-            break
+            return text
         time.sleep(0.5)
-    log = (tmp_path / "worker.log").read_text(errors="replace")
-    assert all(line in text for line in wanted), log[-3000:]
-    # one task for the three, one retry of the reply alone
-    assert 'ticketgate_tasks_total{state="retry",task="ticketgate.process_inbound"} 1.0' in text
-    assert 'ticketgate_tasks_total{state="success",task="ticketgate.process_inbound"} 1.0' in text
+    raise AssertionError(log_path.read_text(errors="replace")[-3000:])
+
+
+@pytest.mark.timeout(150)
+def test_one_task_carries_several_mails_and_a_reply_waits_for_its_parent_in_it(
+        worker_site: tuple[Path, int, dict[str, str]], tmp_path: Path) -> None:
+    """``enqueue`` puts up to 16 ids in one task.  On SQLite the task runs them one by one (a
+    batch transaction is PostgreSQL's, tests/test_worker_batch.py): the reply, named first, is
+    deferred (its parent is spooled, not processed), the task goes on with the parent and a
+    third mail, then runs the reply again once its parent is done: no broker retry."""
+    _config, port, env = worker_site
+    send = textwrap.dedent(_BATCH_MAILS) + "assert enqueue([reply, parent, other])\n"
+    subprocess.run([sys.executable, "-c", send], env=env, cwd=tmp_path, check=True, timeout=30)
+    text = _wait_for_metrics(port, (
+        'ticketgate_task_results_total{action="created"} 2.0',
+        'ticketgate_task_results_total{action="appended"} 1.0',
+        'ticketgate_tasks_total{state="success",task="ticketgate.process_inbound"} 1.0'),
+        tmp_path / "worker.log")
+    assert 'state="retry"' not in text
+
+
+@pytest.mark.timeout(150)
+def test_a_reply_whose_parent_is_not_in_progress_goes_back_to_the_broker(
+        worker_site: tuple[Path, int, dict[str, str]], tmp_path: Path) -> None:
+    """The parent is spooled but in no task (its hand-off was lost): the reply's task waits
+    ``parent_wait_in_task`` for it, then retries it through the broker, and the reply is
+    appended once the parent has been processed."""
+    _config, port, env = worker_site
+    send = textwrap.dedent(_BATCH_MAILS) + textwrap.dedent("""\
+        import time
+        assert enqueue([reply])
+        time.sleep(4)  # past the worker's in-task wait (1 s here): the reply is retried
+        assert enqueue([parent, other])
+        """)
+    subprocess.run([sys.executable, "-c", send], env=env, cwd=tmp_path, check=True, timeout=30)
+    text = _wait_for_metrics(port, (
+        'ticketgate_task_results_total{action="created"} 2.0',
+        'ticketgate_task_results_total{action="appended"} 1.0'), tmp_path / "worker.log")
+    assert 'ticketgate_tasks_total{state="retry",task="ticketgate.process_inbound"}' in text
 
 
 @pytest.mark.timeout(150)

@@ -6,6 +6,8 @@ which is what the SQLite half of each test checks."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -89,6 +91,33 @@ def test_a_reply_whose_parent_is_outside_the_task_waits_without_an_attempt(ing: 
     assert records(ing, [reply])[reply][:2] == ("received", 0)
     ing.process(parent)
     assert ing.process_many([reply]).infos[reply].Action == "appended"
+
+
+def test_a_deferred_reply_waits_in_the_task_until_its_parent_is_done(ing: Ingestor) -> None:
+    """The parent is in progress elsewhere (another worker, here a thread 0.3 s later): the
+    task waits for it and appends the reply itself instead of handing it back."""
+    parent, reply = spool(ing, mail("Printer broken", message_id="p1@techcorp.com"),
+                          mail("Re: Printer broken", message_id="p2@techcorp.com",
+                               In_Reply_To="<p1@techcorp.com>"))
+    elsewhere = threading.Timer(0.3, ing.process, args=(parent,))
+    elsewhere.start()
+    started = time.monotonic()
+    results = ing.process_many([reply], parent_wait=30)
+    elsewhere.join()
+    assert results.deferred == [] and results.infos[reply].Action == "appended"
+    assert time.monotonic() - started < 10  # it went on once the parent was done
+    assert records(ing, [reply])[reply][:2] == ("appended", 1)
+
+
+def test_a_deferred_reply_is_handed_back_when_its_parent_stays_spooled(ing: Ingestor) -> None:
+    parent, reply = spool(ing, mail("Printer broken", message_id="p1@techcorp.com"),
+                          mail("Re: Printer broken", message_id="p2@techcorp.com",
+                               In_Reply_To="<p1@techcorp.com>"))
+    started = time.monotonic()
+    results = ing.process_many([reply], parent_wait=0.3)
+    assert time.monotonic() - started >= 0.25
+    assert results.deferred == [reply] and results.parents == {reply: parent}
+    assert records(ing, [reply])[reply][:2] == ("received", 0)
 
 
 def test_mail_started_before_goes_one_by_one(ing: Ingestor) -> None:

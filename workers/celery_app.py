@@ -104,9 +104,10 @@ def process_inbound(self: Any, inbound_ids: int | list[int]) -> dict[str, Any] |
     # task_time_limit is per task: past half of it the mails not begun go back to the queue as
     # a new task, so every mail keeps at least half the limit (a slow mail late in a task is
     # not cut off and counted as a failed attempt for its position).
-    deadline = time.monotonic() + runtime.settings().worker.task_time_limit / 2
+    worker = runtime.settings().worker
+    deadline = time.monotonic() + worker.task_time_limit / 2
     try:
-        results = runtime.ingestor().process_many(ids, deadline)
+        results = runtime.ingestor().process_many(ids, deadline, worker.parent_wait_in_task)
     except TransientError as exc:  # database down: the whole task again (done ids are no-ops)
         _retry(self, ids, exc)
     for inbound_id in results.missing:

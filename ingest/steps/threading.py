@@ -178,7 +178,8 @@ def _wait_for_spooled_parent(ctx: MailContext) -> None:
     parent = next((p for p in parents if p not in finished), None)
     if parent is not None:
         ctx.trace.add("thread", f"waiting for inbound {parent}, which this mail answers")
-        raise ParentPending(f"inbound {ctx.inbound.id} waits for its parent, inbound {parent}")
+        raise ParentPending(f"inbound {ctx.inbound.id} waits for its parent, inbound {parent}",
+                            parent_id=parent)
 
 
 def find_ticket(ctx: MailContext) -> Outcome | None:
