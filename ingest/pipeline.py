@@ -80,6 +80,14 @@ STEPS: tuple[Step, ...] = (
     #                   ignored or rejected mail leaves no person behind)
 )
 MAX_KEY_RACES = 3
+# SQLSTATEs of a transaction PostgreSQL aborted to break a lock cycle with another one
+# (deadlock detected, serialization failure): neither the database nor the mail is at fault.
+_LOCK_RACE_STATES = frozenset({"40P01", "40001"})
+
+
+def _lost_lock_race(exc: OperationalError) -> bool:
+    return getattr(exc.orig, "sqlstate", None) in _LOCK_RACE_STATES
+
 _COUNT_ATTEMPT = (
     update(InboundMail)
     .where(InboundMail.id == bindparam("inbound"), InboundMail.state.not_in(FINAL_STATES))
@@ -238,6 +246,8 @@ def process_inbound(ingestor: Ingestor, inbound_id: int) -> TicketInfo:
                 raise
             except OperationalError as exc:
                 session.rollback()
+                if _lost_lock_race(exc):
+                    continue  # another worker's transaction was in the way: again, now
                 raise TransientError(f"database unavailable: {exc.orig}") from exc
             except (InboundNotFound, TransientError):
                 raise
@@ -295,8 +305,10 @@ def process_inbound_many(ingestor: Ingestor, inbound_ids: Sequence[int],
     give_up = time.monotonic() + parent_wait
     if deadline is not None:
         give_up = min(give_up, deadline)
-    while results.deferred and results.parents and time.monotonic() < give_up:
-        if not _wait_for_parents(ingestor, set(results.parents.values()), give_up):
+    while results.deferred and time.monotonic() < give_up:
+        # Only parents outside the task: one deferred here is run again first, in order.
+        outside = set(results.parents.values()) - set(results.deferred)
+        if not outside or not _wait_for_parents(ingestor, outside, give_up):
             break
         again = _process_spooled(ingestor, results.deferred, deadline)
         results.infos.update(again.infos)
@@ -460,6 +472,8 @@ def _process_spooled_batch(ingestor: Ingestor, inbound_ids: list[int],
             session.commit()
         except OperationalError as exc:
             session.rollback()
+            if _lost_lock_race(exc):
+                raise  # redone one by one at once, not retried behind the broker's backlog
             raise TransientError(f"database unavailable: {exc.orig}") from exc
         except Exception:
             session.rollback()

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import create_engine, select, text, update
 
 from ingest import pipeline
 from ingest.config import load_settings
@@ -120,6 +120,55 @@ def test_a_deferred_reply_is_handed_back_when_its_parent_stays_spooled(ing: Inge
     assert records(ing, [reply])[reply][:2] == ("received", 0)
 
 
+def test_a_reply_to_a_deferred_reply_of_the_same_task_does_not_wait_on_it(ing: Ingestor
+                                                                           ) -> None:
+    """R2 answers R1, R1 answers P; P is in progress elsewhere.  The task waits for P only (R1
+    is its own to run again), then appends both."""
+    parent, first, second = spool(
+        ing, mail("Printer broken", message_id="p1@techcorp.com"),
+        mail("Re: Printer broken", message_id="p2@techcorp.com", In_Reply_To="<p1@techcorp.com>"),
+        mail("Re: Re: Printer broken", message_id="p3@techcorp.com",
+             In_Reply_To="<p2@techcorp.com>"))
+    elsewhere = threading.Timer(0.3, ing.process, args=(parent,))
+    elsewhere.start()
+    results = ing.process_many([first, second], parent_wait=30)
+    elsewhere.join()
+    assert results.deferred == []
+    assert [results.infos[i].Action for i in (first, second)] == ["appended", "appended"]
+
+
+def test_a_batch_that_loses_a_deadlock_is_redone_at_once(fresh_postgres_url: str,
+                                                         tmp_path: Path) -> None:
+    """PostgreSQL breaks a lock cycle by aborting one transaction (SQLSTATE 40P01).  Here the
+    batch holds its inbound rows and waits for the ticket-number counter, which the test holds
+    while it asks for those rows: the batch is the victim, and it is redone one by one in the
+    same call instead of going back to the broker as a failure."""
+    config = tmp_path / "ticketgate.toml"
+    config.write_text(CONFIG.format(reopen="reopen"), encoding="utf-8")
+    ing = Ingestor(load_settings(config, database_url=fresh_postgres_url))
+    ing.process(spool(ing, mail("First", message_id="f@x"))[0])  # today's counter row exists
+    ids = spool(ing, mail("A", message_id="a@x"), mail("B", message_id="b@x"))
+    other = create_engine(fresh_postgres_url).connect()
+    try:
+        other.execute(text("SET deadlock_timeout = '5s'"))  # so the batch is the one to detect
+        other.execute(text("SELECT last FROM ticket_number_counters FOR UPDATE"))
+        outcome: dict[str, object] = {}
+        batch = threading.Thread(target=lambda: outcome.update(r=ing.process_many(ids)))
+        batch.start()
+        time.sleep(0.5)  # the batch has its rows and waits for the counter
+        other.execute(text("SELECT id FROM inbound_mails WHERE id = ANY(:ids) FOR UPDATE"),
+                      {"ids": ids})  # waits for the batch until PostgreSQL aborts it
+        other.commit()
+        batch.join(30)
+    finally:
+        other.close()
+        ing.close()
+    results = outcome["r"]
+    assert isinstance(results, pipeline.SpooledResults)
+    assert [results.infos[i].Action for i in ids] == ["created", "created"]
+    assert [records(ing, ids)[i][:2] for i in ids] == [("created", 1), ("created", 1)]
+
+
 def test_mail_started_before_goes_one_by_one(ing: Ingestor) -> None:
     """A worker died on this task once: every record of it was started, so each now runs on
     its own and a poison mail cannot take the others down with it again."""
@@ -179,3 +228,30 @@ def test_the_deadline_leaves_the_rest_for_another_task(ing: Ingestor) -> None:
     results = ing.process_many(ids, deadline=0.0)
     assert results.infos == {} and results.left == ids
     assert [records(ing, ids)[i][:2] for i in ids] == [("received", 1), ("received", 1)]
+
+
+def test_a_person_another_transaction_creates_meanwhile_is_taken_not_fatal(
+        fresh_postgres_url: str, tmp_path: Path) -> None:
+    """Two workers' batches meet the same new sender: the second insert waits for the first
+    transaction, then takes its row; its own transaction (the rest of its batch) goes on."""
+    from ingest.steps.sender import find_or_create_person
+
+    config = tmp_path / "ticketgate.toml"
+    config.write_text(CONFIG.format(reopen="reopen"), encoding="utf-8")
+    ing = Ingestor(load_settings(config, database_url=fresh_postgres_url))
+    try:
+        with ing.session() as first, ing.session() as second:
+            mine, created = find_or_create_person(first, "new@shop.example", "New Person", True)
+            assert created and mine is not None
+            found: dict[str, object] = {}
+            racer = threading.Thread(target=lambda: found.update(r=find_or_create_person(
+                second, "new@shop.example", "New Person", True)))
+            racer.start()
+            time.sleep(0.3)  # the second insert now waits for the first transaction
+            first.commit()
+            racer.join(10)
+            theirs, created_again = found["r"]  # type: ignore[misc]
+            assert not created_again and theirs.id == mine.id
+            second.commit()  # the second transaction is still usable
+    finally:
+        ing.close()

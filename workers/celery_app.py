@@ -119,8 +119,9 @@ def process_inbound(self: Any, inbound_ids: int | list[int]) -> dict[str, Any] |
         log.info("task past half its time limit: %d mail(s) handed back", len(results.left))
         enqueue(results.left)  # broker down: the sweep finds them
     if results.deferred:
+        parents = sorted(set(results.parents.values()))
         _retry(self, results.deferred, ParentPending(
-            f"inbound {results.deferred} wait for their parents"))
+            f"inbound {results.deferred} wait for their parents, inbound {parents}"))
     return {"processed": [{"InboundId": info.InboundId, "Action": info.Action,
                            "TicketId": info.TicketId} for info in results.infos.values()]}
 

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 from email.utils import parseaddr
 
 from sqlalchemy import bindparam, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, joinedload
 
 from ingest.context import MailContext, Outcome
@@ -122,8 +123,19 @@ def find_or_create_person(
         origin="mail",
     )
     person.contact = contact
-    session.add(person)
-    session.flush()
+    try:
+        with session.begin_nested():
+            session.add(person)
+            session.flush()
+    except IntegrityError:
+        # Another worker created this person first: its transaction has committed by now
+        # (PostgreSQL made this insert wait for it), so take its row.  Without the savepoint
+        # a worker batch was rolled back whole and redone mail by mail.
+        person = session.scalar(_PERSON_BY_EMAIL, {"email": address})
+        if person is None:
+            raise
+        seen[address] = person
+        return person, False
     seen[address] = person
     return person, True
 
