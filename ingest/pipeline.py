@@ -326,11 +326,15 @@ _PARENTS_WAITING = (
 
 
 def _wait_for_parents(ingestor: Ingestor, parent_ids: set[int], give_up: float) -> bool:
-    """Whether every one of ``parent_ids`` reached a final state before ``give_up``."""
+    """Whether every one of ``parent_ids`` reached a final state before ``give_up``.  False
+    as well when the database cannot be asked: the replies then go to the caller's retry."""
     while True:
-        with ingestor.sessions() as session:
-            if not session.scalar(_PARENTS_WAITING, {"ids": sorted(parent_ids)}):
-                return True
+        try:
+            with ingestor.sessions() as session:
+                if not session.scalar(_PARENTS_WAITING, {"ids": sorted(parent_ids)}):
+                    return True
+        except OperationalError:
+            return False
         if time.monotonic() + PARENT_POLL_SECONDS >= give_up:
             return False
         time.sleep(PARENT_POLL_SECONDS)
