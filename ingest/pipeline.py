@@ -452,11 +452,10 @@ def _process_spooled_batch(ingestor: Ingestor, inbound_ids: list[int],
             # Parsed first, so that the persons the mails name are read with one query.  Not
             # the Message-IDs and tickets they answer, as a replay batch does: other workers
             # commit while this batch runs, and a parent they finish must be found (a person
-            # created meanwhile only costs this batch a retry one by one, on the unique key).
+            # they create meanwhile is taken from them, ingest.steps.sender).
             max_bytes = ingestor.settings.service.max_message_bytes
             parsed = [prepare_mail(i.raw, max_bytes) for i in inbounds]
             read_persons(session, [mail for mail in parsed if mail is not None])
-            deferred = SpooledResults()
             for left, (inbound, mail) in enumerate(zip(inbounds, parsed, strict=True)):
                 batch.mails_left = len(inbounds) - left
                 if inbound.state in FINAL_STATES:  # finished by another worker meanwhile
@@ -467,12 +466,12 @@ def _process_spooled_batch(ingestor: Ingestor, inbound_ids: list[int],
                     info, _ctx = _process_in(session, inbound, inbound.raw, ingestor,
                                              can_defer=True, prepared=mail, batch=batch)
                 except ParentPending as pending:  # raised before the mail wrote anything
-                    deferred.defer(inbound.id, pending)
+                    results.defer(inbound.id, pending)
                     continue
                 results.infos[inbound.id] = info
             _write_batch(session, batch)
-            if deferred.deferred:  # a deferral is not a failed attempt
-                session.connection().execute(_FORGET_ATTEMPTS, {"ids": deferred.deferred})
+            if results.deferred:  # a deferral is not a failed attempt (the batch runs first)
+                session.connection().execute(_FORGET_ATTEMPTS, {"ids": results.deferred})
             session.commit()
         except OperationalError as exc:
             session.rollback()
@@ -482,8 +481,6 @@ def _process_spooled_batch(ingestor: Ingestor, inbound_ids: list[int],
         except Exception:
             session.rollback()
             raise
-    results.deferred.extend(deferred.deferred)
-    results.parents.update(deferred.parents)
     for info in results.infos.values():
         _log(info)
 
