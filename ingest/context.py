@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy.orm import Session
 
@@ -15,6 +15,9 @@ from ingest.config import Mailbox, Settings
 from ingest.models import Contact, InboundMail, Person, Ticket
 from ingest.parse import ParsedMail
 from ingest.reference import Reference
+
+if TYPE_CHECKING:
+    from ingest.steps.circuit_breaker import CountWindow
 
 Action = Literal["created", "appended", "duplicate", "ignored", "rejected", "quarantined"]
 
@@ -98,6 +101,12 @@ class BatchState:
     # the batch's own stored messages as they are written (ingest.steps.threading, .store).
     message_tickets: dict[str, int] = field(default_factory=dict)
     message_ids_read: set[str] = field(default_factory=set)
+    # A worker batch's spooled, unprocessed mails by the Message-IDs its mails answer:
+    # Message-ID -> [(inbound id, mailbox id)], read with one query (ingest.steps.threading).
+    spooled_parents: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    parents_read: set[str] = field(default_factory=set)
+    # The stored messages the circuit breaker's checks count, read once for the batch.
+    count_window: CountWindow | None = None
     # Ticket numbers taken ahead: UTC day -> (next sequence number, last taken) (ingest.steps.
     # store), and how many of the batch's mails are still to come (how many to take).
     ticket_numbers: dict[str, tuple[int, int]] = field(default_factory=dict)

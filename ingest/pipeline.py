@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from ingest import spool
+from ingest.config import Settings
 from ingest.context import BatchState, Claim, MailContext, Outcome, Trace
 from ingest.errors import AttemptsExhausted, InboundNotFound, ParentPending, TransientError
 from ingest.models import FINAL_STATES, InboundMail, utcnow
@@ -38,7 +39,7 @@ from ingest.prepare import prepare_mail
 from ingest.reply import visible_reply
 from ingest.steps.authenticate import authenticate
 from ingest.steps.automail import stop_unreferenced_automatic_mail
-from ingest.steps.circuit_breaker import circuit_breaker
+from ingest.steps.circuit_breaker import circuit_breaker, read_window
 from ingest.steps.classify import classify
 from ingest.steps.dedupe import drop_duplicate, read_claims
 from ingest.steps.limits import enforce_size
@@ -54,6 +55,7 @@ from ingest.steps.store import (
 from ingest.steps.threading import (
     find_ticket,
     read_message_tickets,
+    read_spooled_parents,
     read_tickets,
     referenced_ids,
 )
@@ -412,6 +414,29 @@ _FORGET_ATTEMPTS = (
 )
 
 
+def read_ahead(session: Session, batch: BatchState, inbounds: Sequence[InboundMail],
+               parsed: Sequence[ParsedMail | None], settings: Settings,
+               spooled_parents: bool = False) -> None:
+    """Read, with one query each, what a batch's parsed mails will look up one by one: the
+    parents still spooled (a worker's, before the rest: see
+    :func:`~ingest.steps.threading.read_spooled_parents`), the tickets of the Message-IDs they
+    answer, the tickets those and their subject tags name, the messages the circuit breaker
+    counts, and the persons they name.  A step finds its answer in ``batch`` (or the session)
+    and asks the database only for what was not read here.  Each query per mail cost more CPU
+    (SQLAlchemy and the driver) than the step's own work."""
+    ready = [mail for mail in parsed if mail is not None]
+    answered = [mid for mail in ready for mid in referenced_ids(mail)]
+    if spooled_parents:
+        read_spooled_parents(session, batch, answered)
+    read_message_tickets(session, batch, answered)
+    read_tickets(session, batch, ready, settings.service)
+    batch.count_window = read_window(
+        session, settings.limits,
+        [(i, m) for i, m in zip(inbounds, parsed, strict=True) if m is not None],
+        (ticket.id for ticket in batch.tickets))
+    read_persons(session, ready)
+
+
 def _write_batch(session: Session, batch: BatchState) -> None:
     """What a batch (replay or worker) keeps for its end: unused ticket numbers given back,
     message rows, ticket counts, then the final states that name those rows."""
@@ -449,13 +474,12 @@ def _process_spooled_batch(ingestor: Ingestor, inbound_ids: list[int],
             inbounds = [InboundMail(**row._mapping) for row in rows]
             batch = BatchState(claims=read_claims(session, list(
                 {spool.dedupe_claim(i.mailbox_id, i.idempotency_key) for i in inbounds})))
-            # Parsed first, so that the persons the mails name are read with one query.  Not
-            # the Message-IDs and tickets they answer, as a replay batch does: other workers
-            # commit while this batch runs, and a parent they finish must be found (a person
-            # they create meanwhile is taken from them, ingest.steps.sender).
+            # Parsed first, so that what the mails look up is read with one query each.
+            # Other workers commit while the batch runs: a parent they finish meanwhile defers
+            # its reply, and a person they create meanwhile is taken from them.
             max_bytes = ingestor.settings.service.max_message_bytes
             parsed = [prepare_mail(i.raw, max_bytes) for i in inbounds]
-            read_persons(session, [mail for mail in parsed if mail is not None])
+            read_ahead(session, batch, inbounds, parsed, ingestor.settings, spooled_parents=True)
             for left, (inbound, mail) in enumerate(zip(inbounds, parsed, strict=True)):
                 batch.mails_left = len(inbounds) - left
                 if inbound.state in FINAL_STATES:  # finished by another worker meanwhile
@@ -536,11 +560,7 @@ def process_new_batch(ingestor: Ingestor, inbounds: Sequence[InboundMail],
             spool.insert_records(session, inbounds)
             batch = BatchState(claims=read_claims(session, list(
                 {spool.dedupe_claim(i.mailbox_id, i.idempotency_key) for i in inbounds})))
-            # What the mails parsed ahead will look up, read in one query each.
-            ready = [mail for mail in parsed if mail is not None]
-            read_message_tickets(session, batch, (i for m in ready for i in referenced_ids(m)))
-            read_tickets(session, batch, ready, ingestor.settings.service)
-            read_persons(session, ready)
+            read_ahead(session, batch, inbounds, parsed, ingestor.settings)
             for left, (inbound, raw, mail) in enumerate(
                     zip(inbounds, raws, parsed, strict=True)):
                 batch.mails_left = len(inbounds) - left

@@ -6,19 +6,21 @@ which is what the SQLite half of each test checks."""
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, select, text, update
+from sqlalchemy import create_engine, event, select, text, update
 
 from ingest import pipeline
 from ingest.config import load_settings
 from ingest.context import MailContext, Outcome
 from ingest.models import InboundMail, Message, Ticket
 from ingest.service import Ingestor
+from ingest.steps import circuit_breaker
 from tests.test_pipeline import CONFIG, count, mail
 
 
@@ -255,3 +257,80 @@ def test_a_person_another_transaction_creates_meanwhile_is_taken_not_fatal(
             second.commit()  # the second transaction is still usable
     finally:
         ing.close()
+
+
+def report(n: int, sender: str = "reports@erp.test") -> tuple[bytes, str]:
+    """The same automatic-looking report again and again (no RFC 3834 headers)."""
+    return mail("Nightly report", sender=f"ERP <{sender}>",
+                message_id=f"report-{n}@erp.test"), f"INBOX:{n}"
+
+
+def count_statements(ing: Ingestor, marker: str) -> Callable[[], int]:
+    """How many statements containing ``marker`` the ingestor's engine runs from now on."""
+    seen: list[str] = []
+
+    def note(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        if marker in statement:
+            seen.append(statement)
+
+    event.listen(ing.engine, "before_cursor_execute", note)
+    return lambda: len(seen)
+
+
+@pytest.mark.parametrize("too_many", [False, True], ids=["read-ahead", "too-many-rows"])
+def test_the_breaker_counts_a_batch_by_each_mails_own_window(
+        make_ingestor: Callable[..., Ingestor], tmp_path: Path, too_many: bool,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker batch reads the messages its breaker checks count once (the circuit breaker's
+    ``read_window``) and counts each mail over its own hour: the stored messages of the window
+    plus the batch's own, none outside it.  Arrival minutes 0-3 and 70-73 are two bursts, 125
+    and 131 see part of the second; one by one (SQLite) gives the same, and so does a batch
+    whose window holds more rows than it keeps (each mail then asks)."""
+    if too_many:
+        monkeypatch.setattr(circuit_breaker, "WINDOW_MAX_ROWS", 0)
+    ing = make_ingestor(CONFIG.format(reopen="reopen")
+                        + '\n[limits]\nper_sender_subject_max = 3\ndoors = ["imap"]\n', tmp_path)
+    start = dt.datetime(2026, 11, 2, 8, 0, tzinfo=dt.UTC)
+    minutes = [0, 1, 2, 3, 70, 71, 72, 73, 125, 131]
+    spooled = ing.receive_batch([report(n) for n in range(len(minutes))], 1, "imap",
+                                arrived=[start + dt.timedelta(minutes=m) for m in minutes])
+    ids = [s.inbound_id for s in spooled]
+    counted = count_statements(ing, "FILTER (WHERE")
+    first = ing.process_many(ids[:5])  # written before the second batch reads its window
+    second = ing.process_many(ids[5:])
+    actions = [{**first.infos, **second.infos}[i].Action for i in ids]
+    assert actions == ["created"] * 3 + ["quarantined"] + ["created"] * 3 + ["quarantined"] + [
+        "quarantined", "created"]
+    # PostgreSQL's batches count from what they read ahead; one by one, each mail asks, and
+    # so does each mail of a batch whose window was too big to keep (the second here).
+    batched = ing.engine.dialect.name == "postgresql"
+    assert counted() == (len(ids) if not batched else len(ids[5:]) if too_many else 0)
+
+
+def test_a_batch_asks_per_batch_not_per_mail(fresh_postgres_url: str, tmp_path: Path) -> None:
+    """What the steps of a worker batch's replies look up (their parents still spooled, the
+    tickets of the Message-IDs they answer, the breaker's counts) is read once per batch: a
+    batch of 12 replies runs as many statements as a batch of 3.  (Batches are PostgreSQL's.)"""
+    config = tmp_path / "ticketgate.toml"
+    config.write_text(CONFIG.format(reopen="reopen"), encoding="utf-8")
+    ing = Ingestor(load_settings(config, database_url=fresh_postgres_url))
+    try:
+        _replies_in_two_batches(ing)
+    finally:
+        ing.close()
+
+
+def _replies_in_two_batches(ing: Ingestor) -> None:
+    parents = spool(ing, *(mail(f"Question {n}", sender=f"Person {n} <p{n}@techcorp.com>",
+                                message_id=f"q{n}@techcorp.com") for n in range(15)))
+    assert {info.Action for info in ing.process_many(parents).infos.values()} == {"created"}
+    statements: list[int] = []
+    for replies in (range(3), range(3, 15)):
+        ids = spool(ing, *(mail(f"Re: Question {n}", sender=f"Person {n} <p{n}@techcorp.com>",
+                                message_id=f"r{n}@techcorp.com", In_Reply_To=f"<q{n}@techcorp.com>")
+                           for n in replies))
+        counted = count_statements(ing, "")
+        results = ing.process_many(ids)
+        statements.append(counted())
+        assert {info.Action for info in results.infos.values()} == {"appended"}
+    assert statements[0] == statements[1], statements

@@ -33,6 +33,17 @@ _TICKETS_BY_MESSAGE_ID = select(Message.message_id, Message.ticket_id).where(
 _TICKETS = select(Ticket).where(Ticket.id.in_(bindparam("ids", expanding=True)))
 _TICKETS_BY_NUMBER = select(Ticket.id).where(
     Ticket.ticket_number.in_(bindparam("numbers", expanding=True)))
+# A parent in the batch processed before the mail still reads "received" (so "most").
+_SPOOLED_PARENT = select(InboundMail.id).where(
+    InboundMail.state == "received",
+    InboundMail.mailbox_id == bindparam("mailbox"),
+    InboundMail.header_message_id.in_(bindparam("ids", expanding=True)),
+    InboundMail.id < bindparam("before"),
+).limit(bindparam("most"))
+_SPOOLED_PARENTS = select(InboundMail.id, InboundMail.mailbox_id,
+                          InboundMail.header_message_id).where(
+    InboundMail.state == "received",
+    InboundMail.header_message_id.in_(bindparam("ids", expanding=True)))
 
 
 def _tickets_by_message_ids(ctx: MailContext, ids: list[str]) -> dict[str, int]:
@@ -51,9 +62,10 @@ def _tickets_by_message_ids(ctx: MailContext, ids: list[str]) -> dict[str, int]:
 
 
 def referenced_ids(mail: ParsedMail) -> list[str]:
-    """The Message-IDs a mail's In-Reply-To and References name.  (Threading also looks up
-    the ids a bounce quotes, which only the classify step finds; those are not read ahead.)"""
-    return list(dict.fromkeys(i for i in mail.in_reply_to + mail.references if i))
+    """The Message-IDs a mail's In-Reply-To and References name, and those a bounce quotes
+    when the mail was classified ahead (:mod:`ingest.prepare`): what threading looks up."""
+    bounced = mail.classification.referenced_ids if mail.classification is not None else []
+    return list(dict.fromkeys(i for i in mail.in_reply_to + mail.references + bounced if i))
 
 
 def read_tickets(session: Session, batch: BatchState, mails: Iterable[ParsedMail],
@@ -81,6 +93,23 @@ def read_message_tickets(session: Session, batch: BatchState, ids: Iterable[str]
         for mid, tid in session.execute(_TICKETS_BY_MESSAGE_ID, {"ids": chunk}):
             batch.message_tickets[mid] = tid
         batch.message_ids_read.update(chunk)
+
+
+def read_spooled_parents(session: Session, batch: BatchState, ids: Iterable[str]) -> None:
+    """One query for the spooled, unprocessed mails that a worker batch's mails answer (see
+    :func:`_wait_for_spooled_parent`).
+
+    Run before :func:`read_message_tickets`, never after: a parent another worker finishes
+    between the two reads is then seen as waiting (its reply is deferred and run again), never
+    as finished while its ticket is missing from what was read (the reply would open a ticket of
+    its own).  Each statement of a READ COMMITTED transaction sees what was committed when it
+    began, so the second read sees every parent the first saw finished."""
+    wanted = list(dict.fromkeys(i for i in ids if i and i not in batch.parents_read))
+    for start in range(0, len(wanted), 500):
+        chunk = wanted[start:start + 500]
+        for inbound_id, mailbox_id, mid in session.execute(_SPOOLED_PARENTS, {"ids": chunk}):
+            batch.spooled_parents.setdefault(mid, []).append((inbound_id, mailbox_id))
+        batch.parents_read.update(chunk)
 
 
 def _header_candidates(ctx: MailContext) -> dict[str, list[int]]:
@@ -167,14 +196,15 @@ def _wait_for_spooled_parent(ctx: MailContext) -> None:
     # until the batch writes its final states: it counts as processed.
     finished = ({state["inbound"] for state in ctx.batch.final_states}
                 if ctx.batch is not None else set())
-    parents = ctx.session.scalars(
-        select(InboundMail.id).where(
-            InboundMail.state == "received",
-            InboundMail.mailbox_id == ctx.inbound.mailbox_id,
-            InboundMail.header_message_id.in_(ids),
-            InboundMail.id < ctx.inbound.id,
-        ).limit(len(finished) + 1)
-    ).all()
+    inbound = ctx.inbound
+    if ctx.batch is not None and ctx.batch.parents_read.issuperset(ids):
+        spooled = ctx.batch.spooled_parents
+        parents = sorted(parent_id for mid in ids for parent_id, mailbox_id in spooled.get(mid, ())
+                         if mailbox_id == inbound.mailbox_id and parent_id < inbound.id)
+    else:
+        parents = ctx.session.scalars(_SPOOLED_PARENT, {
+            "ids": ids, "mailbox": inbound.mailbox_id, "before": inbound.id,
+            "most": len(finished) + 1}).all()
     parent = next((p for p in parents if p not in finished), None)
     if parent is not None:
         ctx.trace.add("thread", f"waiting for inbound {parent}, which this mail answers")
