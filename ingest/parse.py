@@ -300,6 +300,9 @@ def single_line(value: str) -> str:
     return " ".join(_CONTROL.sub("", value).split())
 
 
+_CONTENT_TYPE_FIELD = re.compile(rb"(?im)^content-type[ \t]*:")
+
+
 def _check_raw_limits(raw: bytes) -> None:
     """Cheap checks on the bytes, before any parser spends time on them."""
     end = re.search(rb"\r?\n\r?\n", raw)
@@ -309,7 +312,11 @@ def _check_raw_limits(raw: bytes) -> None:
     fields = len(re.findall(rb"(?m)^[^ \t\r\n]", head))
     if fields > MAX_HEADER_FIELDS:
         raise MailLimitExceeded(f"{fields} header fields (limit {MAX_HEADER_FIELDS})")
-    declared = len(re.findall(rb"(?im)^content-type[ \t]*:", raw))
+    # Every Content-Type field has a colon: counting colons (a fraction of the regex's cost
+    # over a whole mail) settles nearly every mail without the regex.
+    if raw.count(b":") <= MAX_MIME_PARTS:
+        return
+    declared = len(_CONTENT_TYPE_FIELD.findall(raw))
     if declared > MAX_MIME_PARTS:
         raise MailLimitExceeded(f"{declared} MIME parts declared (limit {MAX_MIME_PARTS})")
 

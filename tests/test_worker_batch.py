@@ -334,3 +334,23 @@ def _replies_in_two_batches(ing: Ingestor) -> None:
         statements.append(counted())
         assert {info.Action for info in results.infos.values()} == {"appended"}
     assert statements[0] == statements[1], statements
+
+
+def test_a_reply_to_a_ticket_of_its_own_batch_counts_without_a_query(
+        fresh_postgres_url: str, tmp_path: Path) -> None:
+    """A ticket the batch creates has no stored messages: the breaker's per-ticket count of a
+    reply to it later in the batch needs no query (and still counts the batch's own)."""
+    config = tmp_path / "ticketgate.toml"
+    config.write_text(CONFIG.format(reopen="reopen") + "\n[limits]\nper_ticket_max = 2\n",
+                      encoding="utf-8")
+    ing = Ingestor(load_settings(config, database_url=fresh_postgres_url))
+    try:
+        ids = spool(ing, mail("Printer broken", message_id="p1@techcorp.com"), *(
+            mail("Re: Printer broken", message_id=f"p{n}@techcorp.com",
+                 In_Reply_To="<p1@techcorp.com>") for n in (2, 3)))
+        counted = count_statements(ing, "FILTER (WHERE")
+        results = ing.process_many(ids)
+        assert [results.infos[i].Action for i in ids] == ["created", "appended", "quarantined"]
+        assert counted() == 0
+    finally:
+        ing.close()

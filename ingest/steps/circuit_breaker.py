@@ -106,12 +106,13 @@ _WINDOW_ROWS = (
 @dataclass(slots=True)
 class CountWindow:
     """The stored messages a batch's checks count, read once for all its mails: those of
-    ``senders`` and ``tickets`` that arrived between ``since`` and ``until``."""
+    ``senders`` and ``tickets`` that arrived between ``since`` and ``until``.  A ticket the
+    batch creates joins ``tickets``: it has no stored messages yet."""
 
     since: dt.datetime
     until: dt.datetime
     senders: frozenset[str]
-    tickets: frozenset[int]
+    tickets: set[int]
     by_sender: dict[str, list[tuple[dt.datetime, str | None]]] = field(default_factory=dict)
     by_ticket: dict[int, list[dt.datetime]] = field(default_factory=dict)
 
@@ -158,7 +159,7 @@ def read_window(session: Session, limits: LimitsSection,
         return None
     window = CountWindow(since=min(arrivals) - dt.timedelta(seconds=limits.window_seconds),
                          until=max(arrivals), senders=frozenset(senders),
-                         tickets=frozenset(tickets))
+                         tickets=set(tickets))
     rows = session.execute(_WINDOW_ROWS, {
         "since": window.since, "until": window.until, "senders": sorted(window.senders),
         "tickets": sorted(window.tickets)}).all()

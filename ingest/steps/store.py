@@ -167,6 +167,8 @@ def _new_ticket(ctx: MailContext, ref: Reference, now: dt.datetime) -> Ticket:
     set_committed_value(ticket, "contact", ctx.contact)
     if ctx.batch is not None:  # the identity map holds it weakly; the batch, for its replies
         ctx.batch.tickets.append(ticket)
+        if ctx.batch.count_window is not None:  # its replies in the batch count without a query
+            ctx.batch.count_window.tickets.add(ticket_id)
     return ticket
 
 
