@@ -1,0 +1,84 @@
+"""Pooled PostgreSQL connections (``ingest/db.py``): pinged before use only after being idle.
+
+The server side is real: the connections are cut with ``pg_terminate_backend``, which is what a
+server restart or a proxy's idle timeout does to them."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from sqlalchemy import Engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
+
+from ingest import db
+
+IDLE = 0.3  # PING_AFTER_IDLE_SECONDS in these tests, to keep them short
+
+
+@pytest.fixture
+def engine(fresh_postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Engine]:
+    monkeypatch.setattr(db, "PING_AFTER_IDLE_SECONDS", IDLE)
+    engine = db.make_engine(fresh_postgres_url)
+    yield engine
+    engine.dispose()
+
+
+def backend_pid(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
+
+
+def cut(engine: Engine, pid: int) -> None:
+    url = make_url(engine.url.render_as_string(hide_password=False))
+    with psycopg.connect(host=url.host, port=url.port, user=url.username,
+                         password=url.password, dbname=url.database, autocommit=True) as conn:
+        assert conn.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone() == (True,)
+
+
+@pytest.fixture
+def pings(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """When the dialect's ping ran (the real ping, observed)."""
+    seen: list[float] = []
+    real = engine.dialect.do_ping
+
+    def observed(dbapi_conn: object) -> bool:
+        seen.append(time.monotonic())
+        return real(dbapi_conn)
+
+    monkeypatch.setattr(engine.dialect, "do_ping", observed)
+    return seen
+
+
+def test_a_connection_in_use_a_moment_ago_is_not_pinged(engine: Engine,
+                                                        pings: list[float]) -> None:
+    first = backend_pid(engine)
+    assert [backend_pid(engine) for _ in range(5)] == [first] * 5
+    assert pings == []
+    time.sleep(IDLE + 0.1)
+    assert backend_pid(engine) == first and len(pings) == 1
+
+
+def test_a_connection_cut_while_idle_is_replaced_before_use(engine: Engine,
+                                                            pings: list[float]) -> None:
+    first = backend_pid(engine)
+    cut(engine, first)
+    time.sleep(IDLE + 0.1)
+    second = backend_pid(engine)  # no error: the ping found it gone, the pool reconnected
+    assert second != first and len(pings) == 1
+
+
+def test_a_connection_cut_just_after_use_fails_once_then_the_pool_recovers(
+        engine: Engine, pings: list[float]) -> None:
+    """The price of not pinging every time: the first statement on a connection cut less
+    than PING_AFTER_IDLE_SECONDS after its last use fails as the database being down does
+    (callers retry that); the pool then drops it and the next one works."""
+    first = backend_pid(engine)
+    cut(engine, first)
+    with pytest.raises(OperationalError):
+        backend_pid(engine)
+    assert backend_pid(engine) != first
+    assert pings == []
