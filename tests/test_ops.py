@@ -465,3 +465,39 @@ def test_concurrent_migrations_on_postgresql_are_serialised(fresh_postgres_url: 
     with ThreadPoolExecutor(4) as pool:
         revisions = list(pool.map(upgrade, range(4)))
     assert len(set(revisions)) == 1 and revisions[0] is not None
+
+
+def test_a_forked_pool_process_keeps_the_ingestor_with_connections_of_its_own(
+        fresh_postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker's main process builds the Ingestor (schema check, reference data) before it
+    forks its pool; a pool process takes it over (``runtime.adopt_after_fork``) instead of
+    building its own on its first task, and talks to the database on its own connection."""
+    from sqlalchemy import text
+
+    monkeypatch.setattr(runtime, "_settings", load_settings(
+        _write(tmp_path, "[worker]\nconcurrency = 1\n"), database_url=fresh_postgres_url))
+    monkeypatch.setattr(runtime, "_ingestor", None)
+    parent = runtime.ingestor()
+    with parent.session() as session:  # the parent's pool holds a connection at the fork
+        parent_backend = session.execute(text("SELECT pg_backend_pid()")).scalar_one()
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - reported through the pipe
+        code = 1
+        try:
+            runtime.adopt_after_fork()
+            adopted = runtime.ingestor()
+            with adopted.session() as session:
+                backend = session.execute(text("SELECT pg_backend_pid()")).scalar_one()
+            os.write(write, json.dumps({"same": adopted is parent, "backend": backend}).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        report = json.loads(pipe.read() or "{}")
+    assert os.waitpid(child, 0)[1] == 0
+    assert report["same"] and report["backend"] != parent_backend
+    with parent.session() as session:  # the parent's connection is untouched by the child
+        assert session.execute(text("SELECT pg_backend_pid()")).scalar_one() == parent_backend
+    parent.close()

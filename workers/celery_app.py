@@ -78,13 +78,24 @@ metrics.connect_task_signals()  # count and time every task (exposed with [metri
 
 @signals.worker_init.connect
 def _load_pipeline(**_kwargs: Any) -> None:
-    """Workers process mail: load the pipeline once in the parent, before the pool forks, so
-    its children share those pages and start warm (the listener, which only enqueues, never
-    loads it)."""
+    """Workers process mail: load the pipeline and build the Ingestor once in the parent,
+    before the pool forks, so its children share those pages and start warm (the listener,
+    which only enqueues, never loads it).  The parent's connections are closed before the fork;
+    each child opens its own (:func:`_adopt_ingestor`).  A database that cannot be reached now
+    is not fatal: each child then builds its Ingestor on its first task, as tasks retry."""
     import ingest.pipeline  # noqa: F401
     from ingest.prepare import warm_up
 
     warm_up()
+    try:
+        runtime.ingestor().engine.dispose()
+    except Exception as exc:  # any failure here only costs the head start
+        log.warning("pipeline not prepared before the pool starts: %s", exc)
+
+
+@signals.worker_process_init.connect
+def _adopt_ingestor(**_kwargs: Any) -> None:
+    runtime.adopt_after_fork()
 
 
 @app.task(bind=True, name=PROCESS_TASK, max_retries=None)
