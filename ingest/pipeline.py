@@ -520,7 +520,7 @@ def process_new(ingestor: Ingestor, inbound: InboundMail) -> TicketInfo:
     for _race in range(MAX_KEY_RACES):
         with ingestor.sessions() as session:
             try:
-                spool.insert_records(session, [inbound])
+                spool.insert_records(session.connection(), [inbound])
                 info, _ctx = _process_in(session, inbound, raw, ingestor)
                 session.commit()
                 _log(info)
@@ -557,7 +557,7 @@ def process_new_batch(ingestor: Ingestor, inbounds: Sequence[InboundMail],
     infos: list[TicketInfo] = []
     with ingestor.sessions() as session:
         try:
-            spool.insert_records(session, inbounds)
+            spool.insert_records(session.connection(), inbounds)
             batch = BatchState(claims=read_claims(session, list(
                 {spool.dedupe_claim(i.mailbox_id, i.idempotency_key) for i in inbounds})))
             read_ahead(session, batch, inbounds, parsed, ingestor.settings)

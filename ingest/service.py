@@ -14,7 +14,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine, func, or_, select, update
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ingest import schema, spool
@@ -118,16 +118,14 @@ class Ingestor:
         Raises :class:`~ingest.errors.SpoolError` when the database refuses the write.
         """
         inbound = spool.new_inbound(raw, mailbox_id, door, source, envelope)
-        with self.sessions() as session:
-            return spool.store(session, inbound)
+        return spool.store(self.engine, inbound)
 
     def receive_many(self, raw: bytes, mailbox_ids: list[int], door: str, source: str = "",
                      envelope: Envelope | None = None) -> list[int]:
         """One record per mailbox, all committed together (one SMTP transaction, many RCPTs)."""
         records = [spool.new_inbound(raw, m, door, source, envelope) for m in mailbox_ids]
-        with self.sessions() as session:
-            spool.store_all(session, records)
-            return [r.id for r in records]
+        spool.store_all(self.engine, records)
+        return [r.id for r in records]
 
     def receive_group(self, requests: Sequence[SpoolRequest], door: str
                       ) -> list[list[int] | SpoolError]:
@@ -142,14 +140,13 @@ class Ingestor:
         """
         records = [[spool.new_inbound(r.raw, m, door, r.source, r.envelope)
                     for m in r.mailbox_ids] for r in requests]
-        with self.sessions() as session:
-            try:
-                spool.store_all(session, [record for group in records for record in group])
-            except SpoolError as exc:
-                if len(requests) == 1:
-                    return [exc]
-            else:
-                return [[record.id for record in group] for group in records]
+        try:
+            spool.store_all(self.engine, [record for group in records for record in group])
+        except SpoolError as exc:
+            if len(requests) == 1:
+                return [exc]
+        else:
+            return [[record.id for record in group] for group in records]
         results: list[list[int] | SpoolError] = []
         for request in requests:
             try:
@@ -175,23 +172,19 @@ class Ingestor:
                    for raw, source in items]
         for record, when in zip(records, arrived or [], strict=False):
             record.arrived_at = spool.arrival(when)
-        with self.sessions() as session:
-            try:
-                found = {
-                    (row.idempotency_key, row.source): row
-                    for row in session.execute(
-                        select(InboundMail.id, InboundMail.state, InboundMail.source,
-                               InboundMail.idempotency_key)
-                        .where(InboundMail.mailbox_id == mailbox_id, InboundMail.door == door,
-                               InboundMail.idempotency_key.in_(
-                                   {r.idempotency_key for r in records}))
-                    )
-                }
-            except SQLAlchemyError as exc:
-                session.rollback()
-                raise SpoolError(f"could not look up the spool: {exc}") from exc
-            fresh = [r for r in records if (r.idempotency_key, r.source) not in found]
-            spool.store_all(session, fresh)
+        with spool.transaction(self.engine) as connection:
+            found = {
+                (row.idempotency_key, row.source): row
+                for row in connection.execute(
+                    select(InboundMail.id, InboundMail.state, InboundMail.source,
+                           InboundMail.idempotency_key)
+                    .where(InboundMail.mailbox_id == mailbox_id, InboundMail.door == door,
+                           InboundMail.idempotency_key.in_(
+                               {r.idempotency_key for r in records}))
+                )
+            }
+            spool.insert_records(
+                connection, [r for r in records if (r.idempotency_key, r.source) not in found])
         result = []
         for record in records:
             old = found.get((record.idempotency_key, record.source))

@@ -10,14 +10,14 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 
-from sqlalchemy import insert
+from sqlalchemy import Connection, Engine, insert
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session
 
 from ingest.errors import InvalidMail, SpoolError
 from ingest.message_ids import normalize_message_id
@@ -131,38 +131,48 @@ def arrival(when: dt.datetime | None) -> dt.datetime | None:
     return min(when.astimezone(dt.UTC), utcnow())
 
 
-def store(session: Session, inbound: InboundMail) -> int:
+def store(engine: Engine, inbound: InboundMail) -> int:
     """Commit the record; raise :class:`SpoolError` (nothing half-written) if that fails."""
-    store_all(session, [inbound])
+    store_all(engine, [inbound])
     return inbound.id
 
 
-def insert_records(session: Session, records: Sequence[InboundMail]) -> None:
-    """INSERT the records in the session's transaction, uncommitted; their ids are set on them.
+def insert_records(connection: Connection, records: Sequence[InboundMail]) -> None:
+    """INSERT the records in the connection's transaction, uncommitted; their ids are set on
+    them.
 
-    One multi-row INSERT ... RETURNING on the session's connection, not the ORM's unit of work:
-    this runs before every SMTP ``250``, where the ORM's bookkeeping was a quarter of the
-    listener's time per mail.  The records stay outside the session; the pipeline writes their
-    final state with one UPDATE (:func:`ingest.pipeline.record_outcome`).
+    One multi-row INSERT ... RETURNING, not the ORM's unit of work: this runs before every SMTP
+    ``250``, where the ORM's bookkeeping was a quarter of the listener's time per mail.  The
+    records stay outside any session; the pipeline writes their final state with one UPDATE
+    (:func:`ingest.pipeline.record_outcome`).
     """
     if not records:
         return
     rows = [{key: getattr(record, key) for key in _SPOOLED_COLUMNS if key in vars(record)}
             for record in records]
-    ids = session.connection().execute(_INSERT_RETURNING_ID, rows).scalars().all()
+    ids = connection.execute(_INSERT_RETURNING_ID, rows).scalars().all()
     for record, inbound_id in zip(records, ids, strict=True):
         record.id = inbound_id
 
 
-def store_all(session: Session, records: list[InboundMail]) -> None:
-    """Commit all records in one transaction, or none of them; their ids are set on them."""
-    if not records:
-        return
+@contextmanager
+def transaction(engine: Engine) -> Iterator[Connection]:
+    """A spool write's transaction on a plain connection, committed at the end, rolled back
+    and raised as :class:`SpoolError` on any failure.
+
+    No ORM session: a session's set-up, bookkeeping and teardown cost more CPU than the INSERT
+    itself, and the SMTP listener runs one such transaction per group of mails, often of one
+    mail.  Also the driver's refusal of unstorable text (e.g. surrogates from a bad HELO) is a
+    SpoolError: the caller must see one error type and answer "try later", never a crash."""
     try:
-        insert_records(session, records)
-        session.commit()
+        with engine.begin() as connection:
+            yield connection
     except (SQLAlchemyError, UnicodeError, ValueError) as exc:
-        # Also the driver's refusal of unstorable text (e.g. surrogates from a bad HELO): the
-        # caller must see one error type and answer "try later", never a crash.
-        session.rollback()
         raise SpoolError(f"could not store the mail: {exc.__class__.__name__}: {exc}") from exc
+
+
+def store_all(engine: Engine, records: list[InboundMail]) -> None:
+    """Commit all records in one transaction, or none of them; their ids are set on them."""
+    if records:
+        with transaction(engine) as connection:
+            insert_records(connection, records)

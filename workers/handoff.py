@@ -48,14 +48,19 @@ class GroupedHandoff:
     def __call__(self, inbound_ids: list[int]) -> bool:
         """Take the ids; True (the broker's answer comes later, and only counts in metrics)."""
         with self._ready:
-            if not self._waiting:
+            first = not self._waiting
+            if first:
                 self._first_at = time.monotonic()
             self._waiting.extend(inbound_ids)
             if self._sender is None:
                 self._sender = threading.Thread(target=self._run, name="ticketgate-handoff",
                                                 daemon=True)
                 self._sender.start()
-            self._ready.notify()
+            # The sender needs waking only to start its window or to send a full group early;
+            # otherwise it wakes at the window's end anyway (a wake-up per id was a thread
+            # switch per mail).
+            if first or len(self._waiting) >= self._max_group:
+                self._ready.notify()
         return True
 
     def flush(self) -> None:
