@@ -83,7 +83,8 @@ class PendingMessage:
 
 @dataclass(slots=True)
 class BatchState:
-    """What the mails of one replay batch (one transaction) share, to save round trips.
+    """What the mails of one batch (a replay's or a worker task's: one transaction) share, to
+    save round trips.
 
     ``claims``: the idempotency claims already stored for the batch's keys, read with one query,
     plus those the batch's own mails take as they are processed (a duplicate inside the batch
@@ -150,7 +151,7 @@ class MailContext:
     # step takes it instead of parsing again.  None: parse here.
     prepared: ParsedMail | None = None
     message_row_id: int | None = None  # the stored message's id, once the store step wrote it
-    batch: BatchState | None = None  # set when the mail is one of a replay batch
+    batch: BatchState | None = None  # set when the mail is one of a batch
 
     @property
     def replayed_hold(self) -> str | None:

@@ -84,7 +84,7 @@ def _persons_seen(session: Session) -> dict[str, Person | None]:
 
 
 def read_persons(session: Session, mails: Iterable[ParsedMail]) -> None:
-    """Read the persons a replay batch's mails name (From, Reply-To, To, Cc) with one query,
+    """Read the persons a batch's mails name (From, Reply-To, To, Cc) with one query,
     into the transaction's person cache, absent ones included."""
     seen = _persons_seen(session)
     wanted = list(dict.fromkeys(

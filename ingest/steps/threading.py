@@ -70,7 +70,7 @@ def referenced_ids(mail: ParsedMail) -> list[str]:
 
 def read_tickets(session: Session, batch: BatchState, mails: Iterable[ParsedMail],
                  service: ServiceSection) -> None:
-    """Load, with one query, the tickets a replay batch's mails point at (the Message-IDs read
+    """Load, with one query, the tickets a batch's mails point at (the Message-IDs read
     by :func:`read_message_tickets`, our signed Message-IDs, the subject tags), into the
     session's identity map, where the threading step's ``session.get`` finds them."""
     wanted = set(batch.message_tickets.values())
@@ -86,7 +86,7 @@ def read_tickets(session: Session, batch: BatchState, mails: Iterable[ParsedMail
 
 
 def read_message_tickets(session: Session, batch: BatchState, ids: Iterable[str]) -> None:
-    """One query for the tickets of the Message-IDs a replay batch's mails refer to."""
+    """One query for the tickets of the Message-IDs a batch's mails refer to."""
     wanted = list(dict.fromkeys(i for i in ids if i and i not in batch.message_ids_read))
     for start in range(0, len(wanted), 500):
         chunk = wanted[start:start + 500]
