@@ -41,7 +41,7 @@ from ingest.steps.authenticate import authenticate
 from ingest.steps.automail import stop_unreferenced_automatic_mail
 from ingest.steps.circuit_breaker import circuit_breaker, read_window
 from ingest.steps.classify import classify
-from ingest.steps.dedupe import drop_duplicate, read_claims
+from ingest.steps.dedupe import drop_duplicate, lock_claims, read_claims
 from ingest.steps.limits import enforce_size
 from ingest.steps.parsing import parse
 from ingest.steps.routing import route
@@ -472,8 +472,9 @@ def _process_spooled_batch(ingestor: Ingestor, inbound_ids: list[int],
         try:
             rows = session.connection().execute(_LOCK_RECORDS, {"ids": inbound_ids}).all()
             inbounds = [InboundMail(**row._mapping) for row in rows]
-            batch = BatchState(claims=read_claims(session, list(
-                {spool.dedupe_claim(i.mailbox_id, i.idempotency_key) for i in inbounds})))
+            claims = list({spool.dedupe_claim(i.mailbox_id, i.idempotency_key) for i in inbounds})
+            lock_claims(session, claims)  # a second delivery in another batch goes first
+            batch = BatchState(claims=read_claims(session, claims))
             # Parsed first, so that what the mails look up is read with one query each.
             # Other workers commit while the batch runs: a parent they finish meanwhile defers
             # its reply, and a person they create meanwhile is taken from them.

@@ -354,3 +354,40 @@ def test_a_reply_to_a_ticket_of_its_own_batch_counts_without_a_query(
         assert counted() == 0
     finally:
         ing.close()
+
+
+def test_two_deliveries_in_two_concurrent_batches_cost_no_rollback(
+        fresh_postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An MTA delivers a mail twice and each copy lands in another worker's batch at the same
+    moment.  The second batch waits for the first (``dedupe.lock_claims``), then finds the first
+    delivery's claim: a duplicate like any other, and its other mails stay in the batch (before,
+    its final write hit the unique claim and the whole batch was redone one by one)."""
+    config = tmp_path / "ticketgate.toml"
+    config.write_text(CONFIG.format(reopen="reopen"), encoding="utf-8")
+    ing = Ingestor(load_settings(config, database_url=fresh_postgres_url))
+    try:
+        first, one = spool(ing, mail("Printer broken", message_id="twice@x"),
+                           mail("One", message_id="one@x"))
+        second, two = spool(ing, mail("Printer broken", message_id="twice@x"),
+                           mail("Two", message_id="two@x"))
+
+        def slow_first_delivery(ctx: MailContext) -> Outcome | None:
+            if ctx.inbound.id == first:
+                time.sleep(1.0)  # the second batch starts meanwhile
+            return None
+
+        monkeypatch.setattr(pipeline, "STEPS", (slow_first_delivery, *pipeline.STEPS))
+        results: dict[str, pipeline.SpooledResults] = {}
+        earlier = threading.Thread(target=lambda: results.update(a=ing.process_many([first, one])))
+        earlier.start()
+        time.sleep(0.3)
+        results["b"] = ing.process_many([second, two])
+        earlier.join(30)
+    finally:
+        ing.close()
+    infos = {**results["a"].infos, **results["b"].infos}
+    assert [infos[i].Action for i in (first, one, second, two)] == [
+        "created", "created", "duplicate", "created"]
+    assert infos[second].TicketId == infos[first].TicketId
+    assert "one by one" not in caplog.text

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from sqlalchemy import bindparam, select
+import hashlib
+
+from sqlalchemy import bindparam, select, text
 from sqlalchemy.orm import Session
 
 from ingest.context import Claim, MailContext, Outcome
@@ -33,6 +35,29 @@ def drop_duplicate(ctx: MailContext) -> Outcome | None:
     ctx.trace.add("dedupe", reason, first_inbound=first.inbound_id)
     result = dict(first.result or {})
     return Outcome("duplicate", reason, result=result, duplicate_of=first.inbound_id)
+
+
+# Transaction-scoped advisory locks, one per claim, taken in the order of the array (unnest
+# returns its elements in order): sorted, so two batches never wait on each other in a circle.
+_LOCK_CLAIMS = text("SELECT pg_advisory_xact_lock(key) FROM unnest(CAST(:keys AS bigint[])) AS key")
+
+
+def _claim_lock_key(claim: str) -> int:
+    return int.from_bytes(hashlib.sha256(claim.encode("utf-8", "replace")).digest()[:8], "big",
+                          signed=True)
+
+
+def lock_claims(session: Session, claims: list[str]) -> None:
+    """Wait for every other transaction that may be taking one of ``claims`` (PostgreSQL).
+
+    Two deliveries of one mail in two workers' batches at the same moment: each batch read the
+    claims before the other had written its own, so both processed the mail as new, and the
+    second's final write hit the unique claim and rolled back its whole batch (every other mail
+    then redone one by one).  A worker batch takes a lock per claim before reading them, held to
+    its commit: the second batch waits for the first (only when they share a mail), then reads
+    the first delivery's claim and records a duplicate like any other."""
+    if claims:
+        session.execute(_LOCK_CLAIMS, {"keys": sorted({_claim_lock_key(c) for c in claims})})
 
 
 def read_claims(session: Session, claims: list[str]) -> dict[str, Claim]:
