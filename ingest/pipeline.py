@@ -49,6 +49,7 @@ from ingest.steps.sender import identify_sender, read_persons
 from ingest.steps.store import (
     return_ticket_numbers,
     store_ticket,
+    take_numbers_ahead,
     write_messages,
     write_ticket_counts,
 )
@@ -480,6 +481,9 @@ def _process_spooled_batch(ingestor: Ingestor, inbound_ids: list[int],
             # its reply, and a person they create meanwhile is taken from them.
             max_bytes = ingestor.settings.service.max_message_bytes
             parsed = [prepare_mail(i.raw, max_bytes) for i in inbounds]
+            # The ticket-number counter next (the deadlock-free order, see take_numbers_ahead);
+            # what follows reads what the other worker's batch committed while this one waited.
+            take_numbers_ahead(session, batch, len(inbounds), utcnow())
             read_ahead(session, batch, inbounds, parsed, ingestor.settings, spooled_parents=True)
             for left, (inbound, mail) in enumerate(zip(inbounds, parsed, strict=True)):
                 batch.mails_left = len(inbounds) - left

@@ -7,6 +7,7 @@ which is what the SQLite half of each test checks."""
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -363,6 +364,7 @@ def test_two_deliveries_in_two_concurrent_batches_cost_no_rollback(
     moment.  The second batch waits for the first (``dedupe.lock_claims``), then finds the first
     delivery's claim: a duplicate like any other, and its other mails stay in the batch (before,
     its final write hit the unique claim and the whole batch was redone one by one)."""
+    caplog.set_level(logging.INFO, logger="ticketgate.pipeline")
     config = tmp_path / "ticketgate.toml"
     config.write_text(CONFIG.format(reopen="reopen"), encoding="utf-8")
     ing = Ingestor(load_settings(config, database_url=fresh_postgres_url))
@@ -391,3 +393,45 @@ def test_two_deliveries_in_two_concurrent_batches_cost_no_rollback(
         "created", "created", "duplicate", "created"]
     assert infos[second].TicketId == infos[first].TicketId
     assert "one by one" not in caplog.text
+
+
+def test_two_batches_meeting_the_same_new_sender_do_not_deadlock(
+        fresh_postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A batch takes its ticket numbers before its first step (``store.take_numbers_ahead``).
+    Taken at its first new ticket, the earlier batch here held the counter while it waited to
+    insert a new sender that the later batch had just inserted, and the later batch waited for
+    the counter: PostgreSQL broke the cycle after a second by rolling one batch back."""
+    caplog.set_level(logging.INFO, logger="ticketgate.pipeline")
+    config = tmp_path / "ticketgate.toml"
+    config.write_text(CONFIG.format(reopen="reopen"), encoding="utf-8")
+    ing = Ingestor(load_settings(config, database_url=fresh_postgres_url))
+    new_sender = "New Sender <new@newcorp.example>"
+    try:
+        ing.process(spool(ing, mail("Yesterday", message_id="y@x"))[0])  # the counter row
+        b1, b2 = spool(ing, mail("Earlier one", message_id="b1@x"),
+                       mail("Earlier two", sender=new_sender, message_id="b2@x"))
+        a1, a2 = spool(ing, mail("Later one", sender=new_sender, message_id="a1@x"),
+                       mail("Later two", message_id="a2@x"))
+
+        def pause_before_b2(ctx: MailContext) -> Outcome | None:
+            if ctx.inbound.id == b2:
+                time.sleep(1.0)  # the later batch runs meanwhile
+            return None
+
+        monkeypatch.setattr(pipeline, "STEPS", (pause_before_b2, *pipeline.STEPS))
+        results: dict[str, pipeline.SpooledResults] = {}
+        earlier = threading.Thread(target=lambda: results.update(b=ing.process_many([b1, b2])))
+        earlier.start()
+        time.sleep(0.4)
+        results["a"] = ing.process_many([a1, a2])
+        earlier.join(30)
+        with ing.session() as s:
+            persons = s.scalar(text("SELECT count(*) FROM persons WHERE email = :email"),
+                               {"email": "new@newcorp.example"})
+    finally:
+        ing.close()
+    infos = {**results["a"].infos, **results["b"].infos}
+    assert [infos[i].Action for i in (b1, b2, a1, a2)] == ["created"] * 4
+    assert persons == 1
+    assert "one by one" not in caplog.text and "deadlock" not in caplog.text

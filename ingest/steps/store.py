@@ -74,6 +74,22 @@ _COUNT_MESSAGES = (
 )
 
 
+def take_numbers_ahead(session: Session, batch: BatchState, count: int,
+                       now: dt.datetime) -> None:
+    """Take today's next ``count`` ticket numbers for a worker batch before its first step.
+
+    The counter row stays locked from here to the batch's commit, so this is the first lock
+    the batch takes besides its own spool rows and claims.  Taken later, at its first new
+    ticket, a batch could hold the counter while it waited for a row another worker's batch
+    had just written (most often the same new sender's person), while that batch waited for
+    the counter: a deadlock, which PostgreSQL took a second to detect and broke by rolling one
+    batch back.  In this order, a batch waiting for the counter holds nothing the other needs.
+    What is not used is given back at the end (:func:`return_ticket_numbers`)."""
+    day = _utc_day(now)
+    first = _take_numbers(session, day, count)
+    batch.ticket_numbers[day] = (first, first + count - 1)
+
+
 def allocate_ticket_number(session: Session, now: dt.datetime, count: int = 1) -> str:
     """The allocator behind :func:`next_ticket_number`, for callers without a MailContext (the
     HTTP API's SaveTicketEntity and Autotask create), so every ticket shares one sequence.
