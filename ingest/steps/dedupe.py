@@ -53,9 +53,10 @@ def lock_claims(session: Session, claims: list[str]) -> None:
     Two deliveries of one mail in two workers' batches at the same moment: each batch read the
     claims before the other had written its own, so both processed the mail as new, and the
     second's final write hit the unique claim and rolled back its whole batch (every other mail
-    then redone one by one).  A worker batch takes a lock per claim before reading them, held to
-    its commit: the second batch waits for the first (only when they share a mail), then reads
-    the first delivery's claim and records a duplicate like any other."""
+    then redone one by one).  A worker batch takes a lock per claim before reading them, and a
+    mail processed on its own takes its claim's, each held to the commit: the second waits for
+    the first (only when they share a mail), then reads the first delivery's claim and records a
+    duplicate like any other."""
     if claims:
         session.execute(_LOCK_CLAIMS, {"keys": sorted({_claim_lock_key(c) for c in claims})})
 
