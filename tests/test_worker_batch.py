@@ -22,6 +22,7 @@ from ingest.context import MailContext, Outcome
 from ingest.models import InboundMail, Message, Ticket
 from ingest.service import Ingestor
 from ingest.steps import circuit_breaker
+from ingest.ticketinfo import TicketInfo
 from tests.test_pipeline import CONFIG, count, mail
 
 
@@ -357,6 +358,27 @@ def test_a_reply_to_a_ticket_of_its_own_batch_counts_without_a_query(
         ing.close()
 
 
+def overlapping_batches(ing: Ingestor, monkeypatch: pytest.MonkeyPatch, earlier: list[int],
+                        later: list[int], pause_at: int, head_start: float = 0.3
+                        ) -> dict[int, TicketInfo]:
+    """Run ``earlier`` in a thread, paused for a second before the steps of ``pause_at``, and
+    ``later`` meanwhile (as two workers would); every mail's TicketInfo."""
+
+    def pause(ctx: MailContext) -> Outcome | None:
+        if ctx.inbound.id == pause_at:
+            time.sleep(1.0)  # the later batch runs meanwhile
+        return None
+
+    monkeypatch.setattr(pipeline, "STEPS", (pause, *pipeline.STEPS))
+    results: dict[str, pipeline.SpooledResults] = {}
+    thread = threading.Thread(target=lambda: results.update(a=ing.process_many(earlier)))
+    thread.start()
+    time.sleep(head_start)
+    results["b"] = ing.process_many(later)
+    thread.join(30)
+    return {**results["a"].infos, **results["b"].infos}
+
+
 @pytest.mark.parametrize("first_alone", [False, True], ids=["batch", "one-by-one"])
 def test_two_deliveries_in_two_concurrent_batches_cost_no_rollback(
         fresh_postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -375,23 +397,10 @@ def test_two_deliveries_in_two_concurrent_batches_cost_no_rollback(
                            mail("One", message_id="one@x"))
         second, two = spool(ing, mail("Printer broken", message_id="twice@x"),
                            mail("Two", message_id="two@x"))
-
-        def slow_first_delivery(ctx: MailContext) -> Outcome | None:
-            if ctx.inbound.id == first:
-                time.sleep(1.0)  # the second batch starts meanwhile
-            return None
-
-        monkeypatch.setattr(pipeline, "STEPS", (slow_first_delivery, *pipeline.STEPS))
-        results: dict[str, pipeline.SpooledResults] = {}
-        earlier_ids = [first] if first_alone else [first, one]
-        earlier = threading.Thread(target=lambda: results.update(a=ing.process_many(earlier_ids)))
-        earlier.start()
-        time.sleep(0.3)
-        results["b"] = ing.process_many([second, two])
-        earlier.join(30)
+        infos = overlapping_batches(ing, monkeypatch, [first] if first_alone else [first, one],
+                                    [second, two], pause_at=first)
     finally:
         ing.close()
-    infos = {**results["a"].infos, **results["b"].infos}
     assert [infos[i].Action for i in (first, second, two)] == ["created", "duplicate", "created"]
     assert infos[second].TicketId == infos[first].TicketId
     assert "one by one" not in caplog.text
@@ -410,30 +419,18 @@ def test_two_batches_meeting_the_same_new_sender_do_not_deadlock(
     ing = Ingestor(load_settings(config, database_url=fresh_postgres_url))
     new_sender = "New Sender <new@newcorp.example>"
     try:
-        ing.process(spool(ing, mail("Yesterday", message_id="y@x"))[0])  # the counter row
+        ing.process(spool(ing, mail("Earlier today", message_id="t@x"))[0])  # the counter row
         b1, b2 = spool(ing, mail("Earlier one", message_id="b1@x"),
                        mail("Earlier two", sender=new_sender, message_id="b2@x"))
         a1, a2 = spool(ing, mail("Later one", sender=new_sender, message_id="a1@x"),
                        mail("Later two", message_id="a2@x"))
-
-        def pause_before_b2(ctx: MailContext) -> Outcome | None:
-            if ctx.inbound.id == b2:
-                time.sleep(1.0)  # the later batch runs meanwhile
-            return None
-
-        monkeypatch.setattr(pipeline, "STEPS", (pause_before_b2, *pipeline.STEPS))
-        results: dict[str, pipeline.SpooledResults] = {}
-        earlier = threading.Thread(target=lambda: results.update(b=ing.process_many([b1, b2])))
-        earlier.start()
-        time.sleep(0.4)
-        results["a"] = ing.process_many([a1, a2])
-        earlier.join(30)
+        infos = overlapping_batches(ing, monkeypatch, [b1, b2], [a1, a2], pause_at=b2,
+                                    head_start=0.4)
         with ing.session() as s:
             persons = s.scalar(text("SELECT count(*) FROM persons WHERE email = :email"),
                                {"email": "new@newcorp.example"})
     finally:
         ing.close()
-    infos = {**results["a"].infos, **results["b"].infos}
     assert [infos[i].Action for i in (b1, b2, a1, a2)] == ["created"] * 4
     assert persons == 1
     assert "one by one" not in caplog.text and "deadlock" not in caplog.text
