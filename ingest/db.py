@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.exc import InvalidatePoolError
 from sqlalchemy.orm import sessionmaker
 
 
@@ -60,9 +60,10 @@ def _ping_when_idle(engine: Engine) -> None:
     runs a short transaction per group of mails, it was 7% of its CPU at 190 mails/s, and
     PostgreSQL's work besides.  A connection given back less than a second ago has almost
     surely not been cut since (a server restart takes longer); if it was, the statement fails
-    as the database being down does (the listener writes the mails again one by one, a worker
-    retries), and the pool drops every connection of the old server.  A failed ping makes the
-    pool take a fresh connection (SQLAlchemy's checkout-event protocol)."""
+    as the database being down does (a spool write is tried once more, a worker retries), and
+    the pool drops every connection of the old server.  A failed ping makes the pool drop all
+    its connections and take a fresh one (SQLAlchemy's checkout-event protocol), as
+    ``pool_pre_ping`` does."""
 
     @event.listens_for(engine, "checkin")
     def _given_back(_dbapi_conn: Any, record: Any) -> None:
@@ -76,9 +77,9 @@ def _ping_when_idle(engine: Engine) -> None:
         try:
             alive = engine.dialect.do_ping(dbapi_conn)
         except Exception as exc:
-            raise DisconnectionError("pooled connection is gone") from exc
+            raise InvalidatePoolError("pooled connection is gone") from exc
         if not alive:
-            raise DisconnectionError("pooled connection is gone")
+            raise InvalidatePoolError("pooled connection is gone")
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Any]:

@@ -204,11 +204,16 @@ def _start_attempt(ingestor: Ingestor, inbound_id: int) -> int | None:
     """Count this processing start in its own commit, so a mail that kills or hangs its worker
     is recognised on the next delivery.  None when the record is already final."""
     with ingestor.sessions() as session:
-        attempts = session.connection().execute(_COUNT_ATTEMPT, {"inbound": inbound_id}).scalar()
-        if attempts is not None:
-            session.commit()
-            return int(attempts)
-        if session.connection().execute(_EXISTS, {"inbound": inbound_id}).first() is None:
+        try:
+            attempts = session.connection().execute(_COUNT_ATTEMPT, {"inbound": inbound_id}
+                                                    ).scalar()
+            if attempts is not None:
+                session.commit()
+                return int(attempts)
+            exists = session.connection().execute(_EXISTS, {"inbound": inbound_id}).first()
+        except OperationalError as exc:  # retried with backoff, as the batch's start is
+            raise TransientError(f"database unavailable: {exc.orig}") from exc
+        if exists is None:
             raise InboundNotFound(f"no inbound mail {inbound_id}")
         return None  # final already
 

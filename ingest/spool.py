@@ -17,7 +17,7 @@ from email.parser import BytesHeaderParser
 from email.policy import compat32
 
 from sqlalchemy import Connection, Engine, insert
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from ingest.errors import InvalidMail, SpoolError
 from ingest.message_ids import normalize_message_id
@@ -172,7 +172,20 @@ def transaction(engine: Engine) -> Iterator[Connection]:
 
 
 def store_all(engine: Engine, records: list[InboundMail]) -> None:
-    """Commit all records in one transaction, or none of them; their ids are set on them."""
-    if records:
-        with transaction(engine) as connection:
-            insert_records(connection, records)
+    """Commit all records in one transaction, or none of them; their ids are set on them.
+
+    A write that met a dead pooled connection (the server restarted or cut it less than
+    :data:`ingest.db.PING_AFTER_IDLE_SECONDS` after its last use, so it was not pinged) is
+    tried once more: the pool has dropped that connection, and the caller should not answer
+    "try later" for a database that is up."""
+    if not records:
+        return
+    for last_try in (False, True):
+        try:
+            with transaction(engine) as connection:
+                insert_records(connection, records)
+            return
+        except SpoolError as exc:
+            cause = exc.__cause__
+            if last_try or not (isinstance(cause, DBAPIError) and cause.connection_invalidated):
+                raise

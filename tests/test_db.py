@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -15,6 +16,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
 from ingest import db
+from ingest.config import load_settings
+from ingest.service import Ingestor
 
 IDLE = 0.3  # PING_AFTER_IDLE_SECONDS in these tests, to keep them short
 
@@ -82,3 +85,24 @@ def test_a_connection_cut_just_after_use_fails_once_then_the_pool_recovers(
         backend_pid(engine)
     assert backend_pid(engine) != first
     assert pings == []
+
+
+def test_a_spool_write_on_a_connection_cut_just_after_use_is_written_on_a_fresh_one(
+        fresh_postgres_url: str, tmp_path: Path) -> None:
+    """The SMTP listener must not answer 451 for a database that is up: a spool write that met
+    a dead pooled connection is tried once more (``spool.store_all``)."""
+    config = tmp_path / "ticketgate.toml"
+    config.write_text("", encoding="utf-8")
+    ing = Ingestor(load_settings(config, database_url=fresh_postgres_url))
+    try:
+        raw = (b"From: a@example.org\r\nSubject: one\r\nMessage-ID: <one@example.org>\r\n"
+               b"\r\nbody\r\n")
+        ing.receive(raw, 1, "smtp")
+        cut(ing.engine, backend_pid(ing.engine))
+        second = ing.receive(raw.replace(b"one@", b"two@"), 1, "smtp")
+        with ing.engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM inbound_mails")).scalar_one() == 2
+            assert conn.execute(text("SELECT id FROM inbound_mails WHERE id = :id"),
+                                {"id": second}).scalar_one() == second
+    finally:
+        ing.close()

@@ -477,6 +477,7 @@ def test_a_forked_pool_process_keeps_the_ingestor_with_connections_of_its_own(
     monkeypatch.setattr(runtime, "_settings", load_settings(
         _write(tmp_path, "[worker]\nconcurrency = 1\n"), database_url=fresh_postgres_url))
     monkeypatch.setattr(runtime, "_ingestor", None)
+    monkeypatch.setattr(runtime, "_pid", None)
     parent = runtime.ingestor()
     with parent.session() as session:  # the parent's pool holds a connection at the fork
         parent_backend = session.execute(text("SELECT pg_backend_pid()")).scalar_one()

@@ -25,7 +25,7 @@ log = logging.getLogger("ticketgate.handoff")
 # gave tasks of about 10 mails, and a worker batch has a fixed cost (its transactions and
 # look-ups) that smaller tasks share among fewer mails: with 100 ms, tasks fill up to 16 and
 # the workers spent 11-12% less CPU per mail in two paired runs at 190 mails/s.  There the
-# machine is short of CPU, and the queue, not this wait, makes the latency.  (10 ms before.)
+# machine is short of CPU, and the queue, not this wait, makes the latency.  (First 10 ms.)
 WINDOW_SECONDS = 0.1
 MAX_GROUP = 16  # ids that are sent at once without waiting (one task's worth)
 
