@@ -108,10 +108,9 @@ class BatchState:
     parents_read: set[str] = field(default_factory=set)
     # The stored messages the circuit breaker's checks count, read once for the batch.
     count_window: CountWindow | None = None
-    # Ticket numbers taken ahead: UTC day -> (next sequence number, last taken) (ingest.steps.
-    # store), and how many of the batch's mails are still to come (how many to take).
-    ticket_numbers: dict[str, tuple[int, int]] = field(default_factory=dict)
-    mails_left: int = 0
+    # The batch's new tickets still without a number: placeholder -> UTC day; numbered at the
+    # batch's end (ingest.steps.store.number_tickets).
+    unnumbered: dict[str, str] = field(default_factory=dict)
     # Tickets read ahead or created by the batch, held here because the session's identity map
     # holds unchanged objects only weakly: a reply later in the batch finds them there.
     tickets: list[Ticket] = field(default_factory=list)

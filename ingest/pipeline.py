@@ -20,7 +20,7 @@ import contextlib
 import logging
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -47,9 +47,8 @@ from ingest.steps.parsing import parse
 from ingest.steps.routing import route
 from ingest.steps.sender import identify_sender, read_persons
 from ingest.steps.store import (
-    return_ticket_numbers,
+    number_tickets,
     store_ticket,
-    take_numbers_ahead,
     write_messages,
     write_ticket_counts,
 )
@@ -446,14 +445,38 @@ def read_ahead(session: Session, batch: BatchState, inbounds: Sequence[InboundMa
     read_persons(session, ready)
 
 
-def _write_batch(session: Session, batch: BatchState) -> None:
-    """What a batch (replay or worker) keeps for its end: unused ticket numbers given back,
-    message rows, ticket counts, then the final states that name those rows."""
-    return_ticket_numbers(session, batch)
-    write_messages(session, batch)
+def _write_batch(session: Session, batch: BatchState, infos: Iterable[TicketInfo]) -> None:
+    """What a batch (replay or worker) keeps for its end: ticket counts, message rows, the new
+    tickets' numbers (last: the counter row is locked from here to the commit), then the final
+    states that name those rows and numbers.  ``infos`` (the batch's results so far) get the
+    numbers too."""
     write_ticket_counts(session, batch)
+    write_messages(session, batch)
+    numbers = number_tickets(session, batch)
+    if numbers:
+        _replace_placeholders(batch, infos, numbers)
     if batch.final_states:
         session.connection().execute(_FINAL_STATE, batch.final_states)
+
+
+def _replace_placeholders(batch: BatchState, infos: Iterable[TicketInfo],
+                          numbers: dict[str, str]) -> None:
+    """Put the numbers where the batch's mails recorded their tickets' placeholders: their
+    TicketInfo (returned, and stored as each record's result, a duplicate's copy included)
+    and the store step's trace line."""
+    for info in infos:
+        if info.TicketNumber in numbers:
+            info.TicketNumber = numbers[info.TicketNumber]
+    for state in batch.final_states:
+        result = state["result"]
+        if result and result.get("TicketNumber") in numbers:
+            result["TicketNumber"] = numbers[result["TicketNumber"]]
+        for line in state["trace"]:
+            note = line.get("note") or ""
+            if "(~" in note:
+                for placeholder, number in numbers.items():
+                    note = note.replace(placeholder, number)
+                line["note"] = note
 
 
 def _start_fresh(ingestor: Ingestor, inbound_ids: Sequence[int]) -> list[int]:
@@ -489,12 +512,8 @@ def _process_spooled_batch(ingestor: Ingestor, inbound_ids: list[int],
             # its reply, and a person they create meanwhile is taken from them.
             max_bytes = ingestor.settings.service.max_message_bytes
             parsed = [prepare_mail(i.raw, max_bytes) for i in inbounds]
-            # The ticket-number counter next (the deadlock-free order, see take_numbers_ahead);
-            # what follows reads what the other worker's batch committed while this one waited.
-            take_numbers_ahead(session, batch, len(inbounds), utcnow())
             read_ahead(session, batch, inbounds, parsed, ingestor.settings, spooled_parents=True)
-            for left, (inbound, mail) in enumerate(zip(inbounds, parsed, strict=True)):
-                batch.mails_left = len(inbounds) - left
+            for inbound, mail in zip(inbounds, parsed, strict=True):
                 if inbound.state in FINAL_STATES:  # finished by another worker meanwhile
                     results.infos[inbound.id] = (TicketInfo(**inbound.result) if inbound.result
                                                  else _stateless(inbound))
@@ -506,7 +525,7 @@ def _process_spooled_batch(ingestor: Ingestor, inbound_ids: list[int],
                     results.defer(inbound.id, pending)
                     continue
                 results.infos[inbound.id] = info
-            _write_batch(session, batch)
+            _write_batch(session, batch, results.infos.values())
             if results.deferred:  # a deferral is not a failed attempt (the batch runs first)
                 session.connection().execute(_FORGET_ATTEMPTS, {"ids": results.deferred})
             session.commit()
@@ -574,12 +593,10 @@ def process_new_batch(ingestor: Ingestor, inbounds: Sequence[InboundMail],
             batch = BatchState(claims=read_claims(session, list(
                 {spool.dedupe_claim(i.mailbox_id, i.idempotency_key) for i in inbounds})))
             read_ahead(session, batch, inbounds, parsed, ingestor.settings)
-            for left, (inbound, raw, mail) in enumerate(
-                    zip(inbounds, raws, parsed, strict=True)):
-                batch.mails_left = len(inbounds) - left
+            for inbound, raw, mail in zip(inbounds, raws, parsed, strict=True):
                 infos.append(_process_in(session, inbound, raw, ingestor, prepared=mail,
                                          batch=batch)[0])
-            _write_batch(session, batch)
+            _write_batch(session, batch, infos)
             session.commit()
         except Exception:  # each mail's own path below sorts it out
             session.rollback()

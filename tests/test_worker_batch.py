@@ -409,8 +409,8 @@ def test_two_deliveries_in_two_concurrent_batches_cost_no_rollback(
 def test_two_batches_meeting_the_same_new_sender_do_not_deadlock(
         fresh_postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
-    """A batch takes its ticket numbers before its first step (``store.take_numbers_ahead``).
-    Taken at its first new ticket, the earlier batch here held the counter while it waited to
+    """A batch numbers its new tickets at its end (``store.number_tickets``).  When it took the
+    numbers at its first new ticket, the earlier batch here held the counter while it waited to
     insert a new sender that the later batch had just inserted, and the later batch waited for
     the counter: PostgreSQL broke the cycle after a second by rolling one batch back."""
     caplog.set_level(logging.INFO, logger="ticketgate.pipeline")
@@ -434,3 +434,29 @@ def test_two_batches_meeting_the_same_new_sender_do_not_deadlock(
     assert [infos[i].Action for i in (b1, b2, a1, a2)] == ["created"] * 4
     assert persons == 1
     assert "one by one" not in caplog.text and "deadlock" not in caplog.text
+
+
+def test_a_batch_numbers_its_tickets_at_its_end_everywhere_they_are_named(ing: Ingestor) -> None:
+    """New tickets get their numbers when the batch ends; the TicketInfo returned, the result
+    stored on each record (a reply's and a second delivery's too) and the store step's trace
+    line all name the number, never the placeholder, and the day's sequence has no gap."""
+    ing.process(spool(ing, mail("Earlier", message_id="e@x"))[0])  # number 1 of the day
+    ids = spool(ing,
+                mail("Printer broken", message_id="p1@x"),
+                mail("Re: Printer broken", message_id="p2@x", In_Reply_To="<p1@x>"),
+                mail("Printer broken", message_id="p1@x"),  # a second delivery
+                mail("Invoice missing", sender="Ann <ann@shop.example>", message_id="i1@x"))
+    results = ing.process_many(ids)
+    infos = [results.infos[i] for i in ids]
+    assert [i.Action for i in infos] == ["created", "appended", "duplicate", "created"]
+    day = dt.datetime.now(dt.UTC).strftime("%Y%m%d")
+    assert [i.TicketNumber for i in infos] == [f"T{day}.0002"] * 3 + [f"T{day}.0003"]
+    with ing.session() as s:
+        rows = s.execute(select(InboundMail.id, InboundMail.result, InboundMail.trace)
+                         .where(InboundMail.id.in_(ids)).order_by(InboundMail.id)).all()
+        numbers = dict(s.execute(select(Ticket.id, Ticket.ticket_number)).all())
+    assert [row.result["TicketNumber"] for row in rows] == [i.TicketNumber for i in infos]
+    assert sorted(numbers.values()) == [f"T{day}.000{n}" for n in (1, 2, 3)]
+    notes = [line["note"] for row in rows for line in row.trace if line["step"] == "store"]
+    assert notes and all("~" not in note for note in notes)
+    assert f"({infos[0].TicketNumber})" in notes[0]

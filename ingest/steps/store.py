@@ -14,6 +14,7 @@ message rows and their attachments wait for the batch's end and go in one statem
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from typing import Any
 
 from sqlalchemy import Boolean, bindparam, insert, or_, update
@@ -39,20 +40,15 @@ MAX_TITLE = 255
 def next_ticket_number(ctx: MailContext, now: dt.datetime) -> str:
     """Autotask-style ``TYYYYMMDD.NNNN`` with a per-UTC-day sequence (seed 004).
 
-    A replay batch takes numbers for the rest of its mails at once (one statement, not one
-    per ticket) and gives back what it did not use (:func:`return_ticket_numbers`).
+    A batch's new tickets get a placeholder, and their numbers at the batch's end
+    (:func:`number_tickets`).
     """
     batch = ctx.batch
     if batch is None:
         return allocate_ticket_number(ctx.session, now)
-    day = _utc_day(now)
-    next_seq, last = batch.ticket_numbers.get(day, (1, 0))
-    if next_seq > last:
-        wanted = max(1, batch.mails_left)
-        next_seq = _take_numbers(ctx.session, day, wanted)
-        last = next_seq + wanted - 1
-    batch.ticket_numbers[day] = (next_seq + 1, last)
-    return f"T{day}.{next_seq:04d}"
+    placeholder = f"~{uuid.uuid4().hex[:24]}"  # unique, and never a TYYYYMMDD.NNNN
+    batch.unnumbered[placeholder] = _utc_day(now)
+    return placeholder
 
 
 _TAKE_NUMBERS = (
@@ -74,29 +70,12 @@ _COUNT_MESSAGES = (
 )
 
 
-def take_numbers_ahead(session: Session, batch: BatchState, count: int,
-                       now: dt.datetime) -> None:
-    """Take today's next ``count`` ticket numbers for a worker batch before its first step.
-
-    The counter row stays locked from here to the batch's commit, so this is the first lock
-    the batch takes besides its own spool rows and claims.  Taken later, at its first new
-    ticket, a batch could hold the counter while it waited for a row another worker's batch
-    had just written (most often the same new sender's person), while that batch waited for
-    the counter: a deadlock, which PostgreSQL took a second to detect and broke by rolling one
-    batch back.  In this order, a batch waiting for the counter holds nothing the other needs.
-    What is not used is given back at the end (:func:`return_ticket_numbers`)."""
-    day = _utc_day(now)
-    first = _take_numbers(session, day, count)
-    batch.ticket_numbers[day] = (first, first + count - 1)
-
-
 def allocate_ticket_number(session: Session, now: dt.datetime, count: int = 1) -> str:
     """The allocator behind :func:`next_ticket_number`, for callers without a MailContext (the
     HTTP API's SaveTicketEntity and Autotask create), so every ticket shares one sequence.
 
-    ``count`` > 1 takes that many numbers at once and returns the first (a replay batch, see
-    :func:`next_ticket_number`).  The counter row stays locked until the transaction ends, so
-    numbers never interleave with another writer's.
+    ``count`` > 1 takes that many numbers at once and returns the first.  The counter row
+    stays locked until the transaction ends, so numbers never interleave with another writer's.
     """
     day = _utc_day(now)
     return f"T{day}.{_take_numbers(session, day, count):04d}"
@@ -123,15 +102,39 @@ def _take_numbers(session: Session, day: str, count: int) -> int:
     raise RuntimeError("could not allocate a ticket number")
 
 
-def return_ticket_numbers(session: Session, batch: BatchState) -> None:
-    """Give back the numbers a replay batch took and did not use, before its commit: the
-    counter row has been locked by this transaction since they were taken, so nobody took a
-    number after them and the sequence stays without gaps."""
-    for day, (next_seq, last) in batch.ticket_numbers.items():
-        if last >= next_seq:
-            session.connection().execute(_TAKE_NUMBERS, {"today": day,
-                                                         "count": next_seq - last - 1})
-    batch.ticket_numbers.clear()
+_NUMBER_TICKET = (
+    update(Ticket).where(Ticket.id == bindparam("ticket")).values(ticket_number=bindparam("number"))
+)
+
+
+def number_tickets(session: Session, batch: BatchState) -> dict[str, str]:
+    """Give a batch's new tickets their numbers, at its end: placeholder -> number.
+
+    Numbers come from one counter row per UTC day, locked from the moment they are taken until
+    the commit (so they never interleave with another writer's and stay without gaps).  Taken
+    at a batch's first new ticket, the row was held through the rest of the batch: the two
+    workers' batches ran their steps one after the other, and a batch holding it while it
+    waited for a row another batch had written (the same new sender's person) while that batch
+    waited for the counter was a deadlock, which PostgreSQL took a second to break.  Taken
+    here, the row is held only for the batch's own last writes, which wait for nobody.
+    """
+    if not batch.unnumbered:
+        return {}
+    by_day: dict[str, list[str]] = {}
+    for placeholder, day in batch.unnumbered.items():
+        by_day.setdefault(day, []).append(placeholder)
+    numbers: dict[str, str] = {}
+    for day in sorted(by_day):
+        first = _take_numbers(session, day, len(by_day[day]))
+        for offset, placeholder in enumerate(by_day[day]):
+            numbers[placeholder] = f"T{day}.{first + offset:04d}"
+    tickets = [t for t in batch.tickets if t.ticket_number in numbers]
+    session.connection().execute(_NUMBER_TICKET, [
+        {"ticket": t.id, "number": numbers[t.ticket_number]} for t in tickets])
+    for ticket in tickets:
+        set_committed_value(ticket, "ticket_number", numbers[ticket.ticket_number])
+    batch.unnumbered.clear()
+    return numbers
 
 
 def _new_ticket(ctx: MailContext, ref: Reference, now: dt.datetime) -> Ticket:
