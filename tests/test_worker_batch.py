@@ -460,3 +460,34 @@ def test_a_batch_numbers_its_tickets_at_its_end_everywhere_they_are_named(ing: I
     notes = [line["note"] for row in rows for line in row.trace if line["step"] == "store"]
     assert notes and all("~" not in note for note in notes)
     assert f"({infos[0].TicketNumber})" in notes[0]
+
+
+def test_two_batches_adding_the_same_cc_to_one_ticket_cost_no_rollback(
+        fresh_postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Two replies to one ticket, each with the same colleague in Cc, in two workers' batches
+    at once: both add the colleague to the ticket; the later insert waits for the earlier
+    transaction and then does nothing (before, it failed its whole batch)."""
+    caplog.set_level(logging.INFO, logger="ticketgate.pipeline")
+    config = tmp_path / "ticketgate.toml"
+    config.write_text(CONFIG.format(reopen="reopen"), encoding="utf-8")
+    ing = Ingestor(load_settings(config, database_url=fresh_postgres_url))
+    cc = "Carla <carla@techcorp.com>"
+    try:
+        parent = ing.process(spool(ing, mail("Printer broken", message_id="p@x"))[0])
+        ing.process(spool(ing, mail("Hello", sender=cc, message_id="c@x"))[0])  # a known person
+        r1, x = spool(ing, mail("Re: Printer broken", message_id="r1@x", In_Reply_To="<p@x>",
+                                Cc=cc), mail("Other", message_id="x@x"))
+        r2, y = spool(ing, mail("Re: Printer broken", message_id="r2@x", In_Reply_To="<p@x>",
+                                Cc=cc), mail("Another", message_id="y@x"))
+        infos = overlapping_batches(ing, monkeypatch, [r1, x], [r2, y], pause_at=x)
+        with ing.session() as s:
+            ticket = s.get(Ticket, parent.TicketId)
+            assert ticket is not None
+            colleagues = [p.email for p in ticket.secondary_persons]
+    finally:
+        ing.close()
+    assert [infos[i].Action for i in (r1, x, r2, y)] == [
+        "appended", "created", "appended", "created"]
+    assert colleagues == ["carla@techcorp.com"]
+    assert "one by one" not in caplog.text

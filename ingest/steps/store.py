@@ -18,6 +18,8 @@ import uuid
 from typing import Any
 
 from sqlalchemy import Boolean, bindparam, insert, or_, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
@@ -26,6 +28,7 @@ from ingest.context import BatchState, MailContext, Outcome, PendingMessage
 from ingest.models import (
     Attachment,
     Message,
+    Person,
     Ticket,
     TicketNumberCounter,
     TicketSecondaryPerson,
@@ -61,7 +64,12 @@ _INSERT_TICKET = insert(Ticket).returning(Ticket.id)
 _INSERT_MESSAGE = insert(Message).returning(Message.id)
 _INSERT_MESSAGES = insert(Message).returning(Message.id, sort_by_parameter_order=True)
 _INSERT_ATTACHMENT = insert(Attachment)
-_INSERT_SECONDARY = insert(TicketSecondaryPerson)
+# Cc persons join a ticket with ON CONFLICT DO NOTHING: two workers appending mails with the same
+# Cc to one ticket at once each add the person, and the later one must not fail its batch.
+_ADD_SECONDARY = {
+    "postgresql": postgresql_insert(TicketSecondaryPerson).on_conflict_do_nothing(),
+    "sqlite": sqlite_insert(TicketSecondaryPerson).on_conflict_do_nothing(),
+}
 _COUNT_MESSAGES = (
     update(Ticket).where(Ticket.id == bindparam("ticket"))
     .values(num_messages=Ticket.num_messages + bindparam("added"),
@@ -217,20 +225,24 @@ def _reopen_if_closed(ctx: MailContext, ticket: Ticket, ref: Reference) -> None:
 
 
 def _add_secondary_persons(ctx: MailContext, ticket: Ticket, new: bool) -> None:
-    """Cc persons join the ticket, once each; a new ticket's rows are inserted directly."""
+    """Cc persons join the ticket, once each, with one INSERT; the loaded ticket's list gets
+    them as stored state (through the ORM, a concurrent addition of the same person failed the
+    whole transaction)."""
     present = set() if new else {p.id for p in ticket.secondary_persons}
     if ticket.person_id is not None:
         present.add(ticket.person_id)
-    rows = []
+    added: list[Person] = []
     for person in ctx.secondary_persons:
         if person.id not in present:
-            if new:
-                rows.append({"ticket_id": ticket.id, "person_id": person.id})
-            else:
-                ticket.secondary_persons.append(person)
+            added.append(person)
             present.add(person.id)
-    if rows:
-        ctx.session.connection().execute(_INSERT_SECONDARY, rows)
+    if not added:
+        return
+    statement = _ADD_SECONDARY[ctx.session.get_bind().dialect.name]
+    ctx.session.connection().execute(
+        statement, [{"ticket_id": ticket.id, "person_id": person.id} for person in added])
+    if not new:  # a new ticket's list is read from the table when first asked for
+        set_committed_value(ticket, "secondary_persons", [*ticket.secondary_persons, *added])
 
 
 def _count_message(ctx: MailContext, ticket: Ticket, has_attachment: bool, now: dt.datetime
