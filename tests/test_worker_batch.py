@@ -358,6 +358,19 @@ def test_a_reply_to_a_ticket_of_its_own_batch_counts_without_a_query(
         ing.close()
 
 
+@pytest.fixture
+def pg_ing(fresh_postgres_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+           ) -> Iterator[Ingestor]:
+    """An Ingestor on a fresh PostgreSQL database (batches are PostgreSQL's), with the
+    pipeline's INFO lines captured: a batch rolled back and redone one by one says so there."""
+    caplog.set_level(logging.INFO, logger="ticketgate.pipeline")
+    config = tmp_path / "ticketgate.toml"
+    config.write_text(CONFIG.format(reopen="reopen"), encoding="utf-8")
+    ing = Ingestor(load_settings(config, database_url=fresh_postgres_url))
+    yield ing
+    ing.close()
+
+
 def overlapping_batches(ing: Ingestor, monkeypatch: pytest.MonkeyPatch, earlier: list[int],
                         later: list[int], pause_at: int, head_start: float = 0.3
                         ) -> dict[int, TicketInfo]:
@@ -381,56 +394,44 @@ def overlapping_batches(ing: Ingestor, monkeypatch: pytest.MonkeyPatch, earlier:
 
 @pytest.mark.parametrize("first_alone", [False, True], ids=["batch", "one-by-one"])
 def test_two_deliveries_in_two_concurrent_batches_cost_no_rollback(
-        fresh_postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture, first_alone: bool) -> None:
+        pg_ing: Ingestor, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        first_alone: bool) -> None:
     """An MTA delivers a mail twice and each copy lands in another worker's batch at the same
     moment.  The second batch waits for the first (``dedupe.lock_claims``), then finds the first
     delivery's claim: a duplicate like any other, and its other mails stay in the batch (before,
     its final write hit the unique claim and the whole batch was redone one by one).  The same
     when the first copy is processed on its own (a task's deferred reply run again)."""
-    caplog.set_level(logging.INFO, logger="ticketgate.pipeline")
-    config = tmp_path / "ticketgate.toml"
-    config.write_text(CONFIG.format(reopen="reopen"), encoding="utf-8")
-    ing = Ingestor(load_settings(config, database_url=fresh_postgres_url))
-    try:
-        first, one = spool(ing, mail("Printer broken", message_id="twice@x"),
-                           mail("One", message_id="one@x"))
-        second, two = spool(ing, mail("Printer broken", message_id="twice@x"),
-                           mail("Two", message_id="two@x"))
-        infos = overlapping_batches(ing, monkeypatch, [first] if first_alone else [first, one],
-                                    [second, two], pause_at=first)
-    finally:
-        ing.close()
+    ing = pg_ing
+    first, one = spool(ing, mail("Printer broken", message_id="twice@x"),
+                       mail("One", message_id="one@x"))
+    second, two = spool(ing, mail("Printer broken", message_id="twice@x"),
+                        mail("Two", message_id="two@x"))
+    infos = overlapping_batches(ing, monkeypatch, [first] if first_alone else [first, one],
+                                [second, two], pause_at=first)
     assert [infos[i].Action for i in (first, second, two)] == ["created", "duplicate", "created"]
     assert infos[second].TicketId == infos[first].TicketId
     assert "one by one" not in caplog.text
 
 
 def test_two_batches_meeting_the_same_new_sender_do_not_deadlock(
-        fresh_postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        pg_ing: Ingestor, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
     """A batch numbers its new tickets at its end (``store.number_tickets``).  When it took the
     numbers at its first new ticket, the earlier batch here held the counter while it waited to
     insert a new sender that the later batch had just inserted, and the later batch waited for
     the counter: PostgreSQL broke the cycle after a second by rolling one batch back."""
-    caplog.set_level(logging.INFO, logger="ticketgate.pipeline")
-    config = tmp_path / "ticketgate.toml"
-    config.write_text(CONFIG.format(reopen="reopen"), encoding="utf-8")
-    ing = Ingestor(load_settings(config, database_url=fresh_postgres_url))
+    ing = pg_ing
     new_sender = "New Sender <new@newcorp.example>"
-    try:
-        ing.process(spool(ing, mail("Earlier today", message_id="t@x"))[0])  # the counter row
-        b1, b2 = spool(ing, mail("Earlier one", message_id="b1@x"),
-                       mail("Earlier two", sender=new_sender, message_id="b2@x"))
-        a1, a2 = spool(ing, mail("Later one", sender=new_sender, message_id="a1@x"),
-                       mail("Later two", message_id="a2@x"))
-        infos = overlapping_batches(ing, monkeypatch, [b1, b2], [a1, a2], pause_at=b2,
-                                    head_start=0.4)
-        with ing.session() as s:
-            persons = s.scalar(text("SELECT count(*) FROM persons WHERE email = :email"),
-                               {"email": "new@newcorp.example"})
-    finally:
-        ing.close()
+    ing.process(spool(ing, mail("Earlier today", message_id="t@x"))[0])  # the counter row
+    b1, b2 = spool(ing, mail("Earlier one", message_id="b1@x"),
+                   mail("Earlier two", sender=new_sender, message_id="b2@x"))
+    a1, a2 = spool(ing, mail("Later one", sender=new_sender, message_id="a1@x"),
+                   mail("Later two", message_id="a2@x"))
+    infos = overlapping_batches(ing, monkeypatch, [b1, b2], [a1, a2], pause_at=b2,
+                                head_start=0.4)
+    with ing.session() as s:
+        persons = s.scalar(text("SELECT count(*) FROM persons WHERE email = :email"),
+                           {"email": "new@newcorp.example"})
     assert [infos[i].Action for i in (b1, b2, a1, a2)] == ["created"] * 4
     assert persons == 1
     assert "one by one" not in caplog.text and "deadlock" not in caplog.text
@@ -463,30 +464,24 @@ def test_a_batch_numbers_its_tickets_at_its_end_everywhere_they_are_named(ing: I
 
 
 def test_two_batches_adding_the_same_cc_to_one_ticket_cost_no_rollback(
-        fresh_postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        pg_ing: Ingestor, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
     """Two replies to one ticket, each with the same colleague in Cc, in two workers' batches
     at once: both add the colleague to the ticket; the later insert waits for the earlier
     transaction and then does nothing (before, it failed its whole batch)."""
-    caplog.set_level(logging.INFO, logger="ticketgate.pipeline")
-    config = tmp_path / "ticketgate.toml"
-    config.write_text(CONFIG.format(reopen="reopen"), encoding="utf-8")
-    ing = Ingestor(load_settings(config, database_url=fresh_postgres_url))
+    ing = pg_ing
     cc = "Carla <carla@techcorp.com>"
-    try:
-        parent = ing.process(spool(ing, mail("Printer broken", message_id="p@x"))[0])
-        ing.process(spool(ing, mail("Hello", sender=cc, message_id="c@x"))[0])  # a known person
-        r1, x = spool(ing, mail("Re: Printer broken", message_id="r1@x", In_Reply_To="<p@x>",
-                                Cc=cc), mail("Other", message_id="x@x"))
-        r2, y = spool(ing, mail("Re: Printer broken", message_id="r2@x", In_Reply_To="<p@x>",
-                                Cc=cc), mail("Another", message_id="y@x"))
-        infos = overlapping_batches(ing, monkeypatch, [r1, x], [r2, y], pause_at=x)
-        with ing.session() as s:
-            ticket = s.get(Ticket, parent.TicketId)
-            assert ticket is not None
-            colleagues = [p.email for p in ticket.secondary_persons]
-    finally:
-        ing.close()
+    parent = ing.process(spool(ing, mail("Printer broken", message_id="p@x"))[0])
+    ing.process(spool(ing, mail("Hello", sender=cc, message_id="c@x"))[0])  # a known person
+    r1, x = spool(ing, mail("Re: Printer broken", message_id="r1@x", In_Reply_To="<p@x>",
+                            Cc=cc), mail("Other", message_id="x@x"))
+    r2, y = spool(ing, mail("Re: Printer broken", message_id="r2@x", In_Reply_To="<p@x>",
+                            Cc=cc), mail("Another", message_id="y@x"))
+    infos = overlapping_batches(ing, monkeypatch, [r1, x], [r2, y], pause_at=x)
+    with ing.session() as s:
+        ticket = s.get(Ticket, parent.TicketId)
+        assert ticket is not None
+        colleagues = [p.email for p in ticket.secondary_persons]
     assert [infos[i].Action for i in (r1, x, r2, y)] == [
         "appended", "created", "appended", "created"]
     assert colleagues == ["carla@techcorp.com"]
