@@ -240,9 +240,8 @@ def process_inbound(ingestor: Ingestor, inbound_id: int) -> TicketInfo:
                     raise InboundNotFound(f"no inbound mail {inbound_id}")
                 if inbound.state in FINAL_STATES:
                     return TicketInfo(**inbound.result) if inbound.result else _stateless(inbound)
-                if session.get_bind().dialect.name == "postgresql":  # as a batch does
-                    lock_claims(session, [spool.dedupe_claim(inbound.mailbox_id,
-                                                             inbound.idempotency_key)])
+                lock_claims(session, [spool.dedupe_claim(inbound.mailbox_id,
+                                                         inbound.idempotency_key)])
                 info, _ctx = _process_in(session, inbound, inbound.raw, ingestor, can_defer=True)
                 session.commit()
                 _log(info)

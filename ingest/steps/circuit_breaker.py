@@ -117,9 +117,10 @@ class CountWindow:
     by_ticket: dict[int, list[dt.datetime]] = field(default_factory=dict)
 
     def covers(self, since: dt.datetime, until: dt.datetime, values: dict[str, Any]) -> bool:
+        sender, ticket = values.get("sender"), values.get("ticket")
         return (self.since <= since and until <= self.until
-                and values.get("sender", "") in self.senders | {""}
-                and values.get("ticket", 0) in self.tickets | {0})
+                and (not sender or sender in self.senders)
+                and (ticket is None or ticket in self.tickets))
 
     def count(self, names: tuple[str, ...], since: dt.datetime, until: dt.datetime,
               values: dict[str, Any]) -> dict[str, int]:

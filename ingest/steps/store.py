@@ -78,15 +78,14 @@ _COUNT_MESSAGES = (
 )
 
 
-def allocate_ticket_number(session: Session, now: dt.datetime, count: int = 1) -> str:
-    """The allocator behind :func:`next_ticket_number`, for callers without a MailContext (the
-    HTTP API's SaveTicketEntity and Autotask create), so every ticket shares one sequence.
-
-    ``count`` > 1 takes that many numbers at once and returns the first.  The counter row
-    stays locked until the transaction ends, so numbers never interleave with another writer's.
+def allocate_ticket_number(session: Session, now: dt.datetime) -> str:
+    """The allocator behind :func:`next_ticket_number` outside a batch, also for callers without
+    a MailContext (the HTTP API's SaveTicketEntity and Autotask create), so every ticket shares
+    one sequence.  The counter row stays locked until the transaction ends, so numbers never
+    interleave with another writer's.
     """
     day = _utc_day(now)
-    return f"T{day}.{_take_numbers(session, day, count):04d}"
+    return f"T{day}.{_take_numbers(session, day, 1):04d}"
 
 
 def _utc_day(now: dt.datetime) -> str:
