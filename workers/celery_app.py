@@ -48,6 +48,7 @@ def make_celery() -> Celery:
         from kombu.transport import sqlalchemy as kombu_sqla
 
         kombu_sqla.Transport.polling_interval = 0.1
+        prepare_embedded_broker(broker, "ticketgate")
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -70,6 +71,29 @@ def make_celery() -> Celery:
         },
     )
     return app
+
+
+def prepare_embedded_broker(url: str, queue: str, attempts: int = 5) -> None:
+    """Create the SQL broker's tables and queue row before this process uses them.
+
+    kombu creates both on first use, guarded by a lock that only holds within one process: when
+    the listener's first publish and a worker's first poll meet on a fresh ``broker.db``, one of
+    them fails with "table already exists" or a unique-constraint error on the queue name, and a
+    worker that fails there never consumes.  Each such failure means another process got there
+    first, so trying again on a fresh connection finds what it created."""
+    from kombu import Connection
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    for attempt in range(1, attempts + 1):
+        try:
+            with Connection(url) as connection:
+                connection.default_channel.queue_declare(queue=queue)
+            return
+        except (IntegrityError, OperationalError) as exc:
+            if attempt == attempts:
+                raise
+            log.info("broker tables created concurrently (%s), again", type(exc).__name__)
+            time.sleep(0.05 * attempt)
 
 
 app = make_celery()
@@ -158,9 +182,8 @@ def sweep() -> int:
 def enqueue(inbound_ids: list[int]) -> bool:
     """Hand ids to the broker, up to :data:`IDS_PER_TASK` per task.  False if the broker is
     unreachable: the mails are already spooled, and the sweep will pick them up, so the SMTP
-    answer stays 250.  One failed publish is tried again after a moment: the embedded broker
-    (kombu's SQL transport) can fail the first publish of a process with a unique-constraint
-    race when another process creates the queue's row at the same instant."""
+    answer stays 250.  One failed publish is tried again after a moment, which rides out a
+    broker connection that was cut while idle."""
     chunks = [list(inbound_ids[start:start + IDS_PER_TASK])
               for start in range(0, len(inbound_ids), IDS_PER_TASK)]
     for attempt in range(2):
