@@ -18,6 +18,10 @@ import time
 from typing import Any, NoReturn
 
 from celery import Celery, signals
+from kombu import Connection
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.pool import NullPool
 
 from ingest.errors import ParentPending, TransientError
 from workers import metrics, runtime
@@ -81,19 +85,32 @@ def prepare_embedded_broker(url: str, queue: str, attempts: int = 5) -> None:
     them fails with "table already exists" or a unique-constraint error on the queue name, and a
     worker that fails there never consumes.  Each such failure means another process got there
     first, so trying again on a fresh connection finds what it created."""
-    from kombu import Connection
-    from sqlalchemy.exc import IntegrityError, OperationalError
-
     for attempt in range(1, attempts + 1):
         try:
             with Connection(url) as connection:
                 connection.default_channel.queue_declare(queue=queue)
+            _forget_broker_engine(url)
             return
         except (IntegrityError, OperationalError) as exc:
             if attempt == attempts:
                 raise
             log.info("broker tables created concurrently (%s), again", type(exc).__name__)
             time.sleep(0.05 * attempt)
+
+
+def _forget_broker_engine(url: str) -> None:
+    """Close the engine kombu's SQL transport keeps per URL for the life of the process.
+
+    This process forks next (the worker's pool and its embedded beat): a child that inherited
+    the engine publishes once on the parent's pooled SQLite connection, and its channel is
+    found disconnected from then on (the beat sent the first sweep and no other).  Without the
+    cached engine each process opens its own on first use."""
+    from kombu.transport import sqlalchemy as kombu_sqla
+
+    engines: dict[str, Any] = getattr(kombu_sqla.Channel, "_engines", {})
+    cached = engines.pop(url.removeprefix("sqla+"), None)
+    if cached is not None:
+        cached[0].dispose()
 
 
 app = make_celery()
@@ -170,13 +187,37 @@ def _retry(task: Any, ids: list[int], exc: TransientError) -> NoReturn:
 
 @app.task(name=SWEEP_TASK)
 def sweep() -> int:
-    """Enqueue again every record stuck in ``received``; returns how many."""
+    """Enqueue again every record stuck in ``received``; returns how many.  With the embedded
+    broker, also drop the messages it has delivered."""
     settings = runtime.settings()
     ids = runtime.ingestor().stuck_inbound_ids(settings.worker.sweep_age)
     enqueue(ids)
     if ids:
         log.warning("sweep: re-enqueued %d stuck mail(s): %s", len(ids), ids[:20])
+    if settings.effective_broker_url.startswith("sqla+"):
+        purge_delivered_messages(settings.effective_broker_url)
     return len(ids)
+
+
+def purge_delivered_messages(url: str) -> int:
+    """Delete the embedded broker's delivered messages; returns how many.
+
+    kombu's SQL transport marks a message it hands out invisible and never deletes it, not even
+    when it is acknowledged, so ``broker.db`` would grow by a row per task forever, and every
+    poll (ten a second per worker process) scans past them.  An invisible row is never read
+    again: a message handed back unacknowledged is stored anew, and one lost with its worker is
+    found by the sweep through its spooled record.  So every invisible row can go."""
+    engine = create_engine(url.removeprefix("sqla+"), poolclass=NullPool)
+    try:
+        with engine.begin() as connection:
+            deleted = connection.execute(
+                text("DELETE FROM kombu_message WHERE visible = :delivered"),
+                {"delivered": False}).rowcount
+    finally:
+        engine.dispose()
+    if deleted:
+        log.info("embedded broker: %d delivered message(s) deleted", deleted)
+    return deleted
 
 
 def enqueue(inbound_ids: list[int]) -> bool:
