@@ -1,10 +1,16 @@
-"""Pooled PostgreSQL connections (``ingest/db.py``): pinged before use only after being idle.
+"""Connections (``ingest/db.py``).
 
-The server side is real: the connections are cut with ``pg_terminate_backend``, which is what a
-server restart or a proxy's idle timeout does to them."""
+PostgreSQL: pooled connections are pinged before use only after being idle.  The server side is
+real: the connections are cut with ``pg_terminate_backend``, which is what a server restart or
+a proxy's idle timeout does to them.
+
+SQLite: a transaction waits for the write lock, which another process holds, in short steps,
+and past the wait fails as a database that cannot be used now."""
 
 from __future__ import annotations
 
+import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -106,3 +112,52 @@ def test_a_spool_write_on_a_connection_cut_just_after_use_is_written_on_a_fresh_
                                 {"id": second}).scalar_one() == second
     finally:
         ing.close()
+
+
+def _hold_write_lock(path: Path, seconds: float, taken: threading.Event) -> None:
+    """Another writer (its own connection, as another process has) holds the lock a while."""
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO t VALUES (7)")
+    taken.set()
+    time.sleep(seconds)
+    other.execute("COMMIT")
+    other.close()
+
+
+def test_sqlite_transaction_waits_for_the_write_lock(tmp_path: Path) -> None:
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'lock.db'}")
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE t (n INTEGER)"))
+    taken = threading.Event()
+    holder = threading.Thread(target=_hold_write_lock, args=(tmp_path / "lock.db", 0.3, taken))
+    holder.start()
+    assert taken.wait(5)
+    with engine.begin() as conn:  # waits for the holder's commit, so it sees the holder's row
+        assert conn.execute(text("SELECT n FROM t")).scalars().all() == [7]
+        conn.execute(text("INSERT INTO t VALUES (1)"))
+        # the statements inside the transaction keep SQLite's own wait
+        assert conn.execute(text("PRAGMA busy_timeout")).scalar() == db.SQLITE_BUSY_TIMEOUT_MS
+    holder.join()
+    engine.dispose()
+
+
+def test_sqlite_write_lock_held_too_long_is_an_operational_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As SQLAlchemy raises it: callers retry a database they cannot use now, and only a mail
+    that fails by itself is quarantined."""
+    monkeypatch.setattr(db, "SQLITE_LOCK_WAIT_SECONDS", 0.1)
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'lock.db'}")
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE t (n INTEGER)"))
+    taken = threading.Event()
+    holder = threading.Thread(target=_hold_write_lock, args=(tmp_path / "lock.db", 1.0, taken))
+    holder.start()
+    assert taken.wait(5)
+    with pytest.raises(OperationalError, match="locked"), engine.begin() as conn:
+        conn.execute(text("INSERT INTO t VALUES (1)"))
+    holder.join()
+    with engine.begin() as conn:  # the connection is usable again once the lock is free
+        conn.execute(text("INSERT INTO t VALUES (2)"))
+        assert conn.execute(text("SELECT n FROM t ORDER BY n")).scalars().all() == [2, 7]
+    engine.dispose()
