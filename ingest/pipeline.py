@@ -101,6 +101,7 @@ _LOCK_RECORD = (
     select(*InboundMail.__table__.columns)
     .where(InboundMail.id == bindparam("inbound")).with_for_update()
 )
+_RAW = select(InboundMail.raw).where(InboundMail.id == bindparam("inbound"))
 _FINAL_STATE = (
     update(InboundMail)
     .where(InboundMail.id == bindparam("inbound"))
@@ -217,6 +218,23 @@ def _start_attempt(ingestor: Ingestor, inbound_id: int) -> int | None:
         return None  # final already
 
 
+def _parse_ahead(ingestor: Ingestor, inbound_id: int) -> ParsedMail | None:
+    """On SQLite, the mail parsed before its transaction.  Every transaction there holds the
+    one write lock (``BEGIN IMMEDIATE``), and a parse inside it (half a mail's processing)
+    kept the listener's spool writes and the other workers waiting.  PostgreSQL locks rows,
+    so its mails are parsed in their transaction, and their bytes are read once."""
+    if ingestor.engine.dialect.name != "sqlite":
+        return None
+    try:
+        with ingestor.sessions() as session:
+            raw = session.connection().execute(_RAW, {"inbound": inbound_id}).scalar()
+    except OperationalError as exc:
+        raise TransientError(f"database unavailable: {exc.orig}") from exc
+    if raw is None:
+        return None
+    return prepare_mail(raw, ingestor.settings.service.max_message_bytes)
+
+
 def _locked_record(session: Session, inbound_id: int) -> InboundMail | None:
     """The record, raw bytes included, locked for this transaction: one Core SELECT ... FOR
     UPDATE.  The object stays outside the session; its final state is one UPDATE
@@ -232,6 +250,7 @@ def process_inbound(ingestor: Ingestor, inbound_id: int) -> TicketInfo:
     if attempts is not None and attempts > max_attempts:
         return quarantine(ingestor, inbound_id, AttemptsExhausted(
             f"processing started {attempts - 1} times without finishing (worker died or hung)"))
+    prepared = _parse_ahead(ingestor, inbound_id) if attempts is not None else None
     for _race in range(MAX_KEY_RACES):
         with ingestor.sessions() as session:
             try:
@@ -242,7 +261,8 @@ def process_inbound(ingestor: Ingestor, inbound_id: int) -> TicketInfo:
                     return TicketInfo(**inbound.result) if inbound.result else _stateless(inbound)
                 lock_claims(session, [spool.dedupe_claim(inbound.mailbox_id,
                                                          inbound.idempotency_key)])
-                info, _ctx = _process_in(session, inbound, inbound.raw, ingestor, can_defer=True)
+                info, _ctx = _process_in(session, inbound, inbound.raw, ingestor,
+                                         can_defer=True, prepared=prepared)
                 session.commit()
                 _log(info)
                 return info

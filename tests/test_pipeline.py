@@ -441,6 +441,43 @@ def test_process_is_idempotent_for_spooled_records(ing: Ingestor) -> None:
     assert count(ing, Message) == 1
 
 
+def test_spooled_mail_is_parsed_outside_its_transaction_on_sqlite(
+        ing: Ingestor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite has one write lock and every transaction holds it: a mail parsed inside its
+    transaction kept the listener waiting.  While the parse runs, another writer (here its
+    own connection) gets the lock at once.  PostgreSQL parses in the transaction, which holds
+    row locks only, and reads the bytes once."""
+    import sqlite3
+
+    import ingest.pipeline as pipeline
+
+    inbound_id = ing.receive(mail(), 1, door="smtp")
+    lock_free_during_parse: list[bool] = []
+    real_prepare = pipeline.prepare_mail
+
+    def prepare_watched(raw: bytes, max_bytes: int) -> object:
+        database = ing.engine.url.database
+        other = sqlite3.connect(database, timeout=0, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("ROLLBACK")
+            lock_free_during_parse.append(True)
+        except sqlite3.OperationalError:
+            lock_free_during_parse.append(False)
+        finally:
+            other.close()
+        return real_prepare(raw, max_bytes)
+
+    if ing.engine.dialect.name == "sqlite":
+        monkeypatch.setattr(pipeline, "prepare_mail", prepare_watched)
+    info = ing.process(inbound_id)
+    assert info.Action == "created"
+    if ing.engine.dialect.name == "sqlite":
+        assert lock_free_during_parse == [True]
+    with ing.session() as s:
+        assert s.scalar(select(InboundMail.state).where(InboundMail.id == inbound_id)) == "created"
+
+
 def test_concurrent_deliveries_of_one_mail_make_one_ticket(ing: Ingestor) -> None:
     """Eight workers race on the same Message-ID and the same new sender."""
     ids = [ing.receive(mail(sender="Racer <racer@new.example>"), 1, door="smtp")
