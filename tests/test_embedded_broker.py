@@ -14,6 +14,8 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -74,37 +76,16 @@ _SEND_EACH_ALONE = textwrap.dedent("""\
     """)
 
 
-@pytest.mark.timeout(180)
-def test_sweep_deletes_the_messages_the_embedded_broker_delivered(tmp_path: Path) -> None:
-    """kombu's SQL transport keeps every delivered message; the sweep deletes them, so
-    ``broker.db`` does not grow with every task for as long as the site runs.  The embedded
-    beat, forked by the worker, goes on sending sweeps after its first."""
+@contextmanager
+def _worker_with_beat(tmp_path: Path) -> Iterator[tuple[dict[str, str], Path]]:
+    """``ticketgate worker --beat`` on the embedded broker, sweeping every second."""
     env = _site(tmp_path, "[worker]\nconcurrency = 1\nsweep_interval = 1\n")
+    log = tmp_path / "worker.log"
     worker = subprocess.Popen([sys.executable, "-m", "workers.cli", "worker", "--beat"], env=env,
                               cwd=tmp_path, stdout=subprocess.DEVNULL,
-                              stderr=open(tmp_path / "worker.log", "wb"))  # noqa: SIM115
-    mails = 20
+                              stderr=open(log, "wb"))  # noqa: SIM115
     try:
-        subprocess.run([sys.executable, "-c", _SEND_EACH_ALONE, str(mails)], env=env,
-                       cwd=tmp_path, check=True, timeout=60)
-        broker = tmp_path / "data" / "broker.db"
-        deadline = time.monotonic() + 120
-        while True:
-            with sqlite3.connect(tmp_path / "data" / "ticketgate.db") as db:
-                tickets = db.execute("SELECT count(*) FROM tickets").fetchone()[0]
-            with sqlite3.connect(broker) as db:
-                delivered = db.execute(
-                    "SELECT count(*) FROM kombu_message WHERE NOT visible").fetchone()[0]
-            log = (tmp_path / "worker.log").read_text(errors="replace")
-            sweeps = log.count("delivered message(s) deleted")  # each deletes its own message
-            # at most the sweep running now and one published since the last delete
-            if tickets == mails and delivered <= 2 and sweeps >= 3:
-                break
-            assert time.monotonic() < deadline, (
-                f"{tickets} tickets, {delivered} delivered messages kept\n"
-                + (tmp_path / "worker.log").read_text(errors="replace")[-3000:])
-            time.sleep(0.5)
-        assert "Couldn't apply scheduled task" not in log  # the beat keeps publishing
+        yield env, log
     finally:
         worker.send_signal(signal.SIGQUIT)
         try:
@@ -112,3 +93,68 @@ def test_sweep_deletes_the_messages_the_embedded_broker_delivered(tmp_path: Path
         except subprocess.TimeoutExpired:
             worker.kill()
             worker.wait()
+
+
+def _sweeps(log: Path) -> int:
+    """Sweeps done: each deletes at least its own message."""
+    return log.read_text(errors="replace").count("delivered message(s) deleted")
+
+
+def _first_error(log: Path) -> str:
+    text = log.read_text(errors="replace")
+    start = max(0, min((i for i in (text.find("ERROR"), text.find("WARNING")) if i >= 0),
+                       default=len(text) - 3000))
+    return text[start:start + 4000]
+
+
+@pytest.mark.timeout(180)
+def test_sweep_deletes_the_messages_the_embedded_broker_delivered(tmp_path: Path) -> None:
+    """kombu's SQL transport keeps every delivered message; the sweep deletes them, so
+    ``broker.db`` does not grow with every task for as long as the site runs.  The embedded
+    beat, forked by the worker, goes on sending sweeps after its first."""
+    mails = 20
+    with _worker_with_beat(tmp_path) as (env, log):
+        subprocess.run([sys.executable, "-c", _SEND_EACH_ALONE, str(mails)], env=env,
+                       cwd=tmp_path, check=True, timeout=60)
+        deadline = time.monotonic() + 120
+        while True:
+            with sqlite3.connect(tmp_path / "data" / "ticketgate.db") as db:
+                tickets = db.execute("SELECT count(*) FROM tickets").fetchone()[0]
+            with sqlite3.connect(tmp_path / "data" / "broker.db") as db:
+                delivered = db.execute(
+                    "SELECT count(*) FROM kombu_message WHERE NOT visible").fetchone()[0]
+            # at most the sweep running now and one published since the last delete
+            if tickets == mails and delivered <= 2 and _sweeps(log) >= 3:
+                break
+            assert time.monotonic() < deadline, (
+                f"{tickets} tickets, {delivered} delivered messages kept\n{_first_error(log)}")
+            time.sleep(0.5)
+        assert "could not send" not in log.read_text(errors="replace")
+
+
+def _wait_for_sweeps(log: Path, count: int, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while _sweeps(log) < count:
+        assert time.monotonic() < deadline, f"{_sweeps(log)} sweeps\n{_first_error(log)}"
+        time.sleep(0.2)
+
+
+@pytest.mark.timeout(180)
+def test_beat_sends_sweeps_again_after_the_broker_failed_it(tmp_path: Path) -> None:
+    """A publish that fails closes the beat's channel.  Celery's own scheduler keeps that
+    channel, and every later sweep failed with "channel disconnected" for as long as the worker
+    ran.  Here the broker's file is locked past kombu's wait (as a stuck writer would), then
+    released: sweeps start again."""
+    with _worker_with_beat(tmp_path) as (_env, log):
+        _wait_for_sweeps(log, 2, 90)
+        holder = sqlite3.connect(tmp_path / "data" / "broker.db", isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")
+        # kombu's SQLite connections wait 5 s, and Celery publishes 4 times
+        deadline = time.monotonic() + 60
+        while "could not send sweep" not in log.read_text(errors="replace"):
+            assert time.monotonic() < deadline, _first_error(log)
+            time.sleep(0.5)
+        holder.execute("ROLLBACK")
+        holder.close()
+        after = _sweeps(log)
+        _wait_for_sweeps(log, after + 2, 60)

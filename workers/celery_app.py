@@ -14,10 +14,12 @@ Reliability settings, and why:
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any, NoReturn
 
 from celery import Celery, signals
+from celery.beat import PersistentScheduler, ScheduleEntry
 from kombu import Connection
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -52,6 +54,7 @@ def make_celery() -> Celery:
         from kombu.transport import sqlalchemy as kombu_sqla
 
         kombu_sqla.Transport.polling_interval = 0.1
+        os.register_at_fork(after_in_child=_drop_inherited_broker_engines)
         prepare_embedded_broker(broker, "ticketgate")
     app.conf.update(
         task_serializer="json",
@@ -73,6 +76,7 @@ def make_celery() -> Celery:
         beat_schedule={
             "sweep": {"task": SWEEP_TASK, "schedule": settings.worker.sweep_interval},
         },
+        beat_scheduler=f"{__name__}:ReconnectingScheduler",
     )
     return app
 
@@ -89,7 +93,6 @@ def prepare_embedded_broker(url: str, queue: str, attempts: int = 5) -> None:
         try:
             with Connection(url) as connection:
                 connection.default_channel.queue_declare(queue=queue)
-            _forget_broker_engine(url)
             return
         except (IntegrityError, OperationalError) as exc:
             if attempt == attempts:
@@ -98,19 +101,54 @@ def prepare_embedded_broker(url: str, queue: str, attempts: int = 5) -> None:
             time.sleep(0.05 * attempt)
 
 
-def _forget_broker_engine(url: str) -> None:
-    """Close the engine kombu's SQL transport keeps per URL for the life of the process.
+def _drop_inherited_broker_engines() -> None:
+    """In a forked child, let go of the engines kombu's SQL transport caches per URL for the
+    life of a process (``dispose(close=False)``: the parent's connections stay the parent's).
 
-    This process forks next (the worker's pool and its embedded beat): a child that inherited
-    the engine publishes once on the parent's pooled SQLite connection, and its channel is
-    found disconnected from then on (the beat sent the first sweep and no other).  Without the
-    cached engine each process opens its own on first use."""
+    The worker forks its pool and its embedded beat, sometimes after its consumer connected;
+    the beat then closes the file descriptors it inherited, and publishing on the parent's
+    pooled SQLite connection closed its channel for good: the beat sent no sweep.  Without the
+    cached engines each child opens its own on first use."""
     from kombu.transport import sqlalchemy as kombu_sqla
 
     engines: dict[str, Any] = getattr(kombu_sqla.Channel, "_engines", {})
-    cached = engines.pop(url.removeprefix("sqla+"), None)
-    if cached is not None:
-        cached[0].dispose()
+    for engine, _sessions in engines.values():
+        engine.dispose(close=False)
+    engines.clear()
+
+
+class ReconnectingScheduler(PersistentScheduler):
+    """Celery's persistent beat scheduler, which builds a new broker connection after a failed
+    publish.
+
+    Celery keeps the producer it made first for the life of the process: once its channel is
+    closed (a broker restart, a connection error on the embedded broker's file) every later
+    publish fails with "channel disconnected" (celery#8845), and the sweep, the safety net for
+    mail the broker lost, stopped for good.  A due task is sent again at once on the new
+    connection; if that fails too, at its next time."""
+
+    def apply_entry(self, entry: ScheduleEntry, producer: Any = None) -> None:
+        for attempt in (1, 2):
+            log.info("beat: sending due task %s (%s)", entry.name, entry.task)
+            try:
+                self.apply_async(entry, producer=self.producer, advance=False)
+                return
+            except Exception as exc:  # the broker's errors come in many types
+                log.warning("beat: could not send %s; new broker connection. %s", entry.name, exc)
+                self._drop_connection()
+                if attempt == 2:
+                    return
+
+    def _drop_connection(self) -> None:
+        """Forget the producer and connection (cached properties), so the next publish makes
+        new ones; the old connection's resources are released without talking to the broker."""
+        self.__dict__.pop("producer", None)
+        connection = self.__dict__.pop("connection", None)
+        if connection is not None:
+            try:
+                connection.collect()
+            except Exception as exc:  # a dead connection may fail to clean up: nothing is lost
+                log.debug("beat: old broker connection: %s", exc)
 
 
 app = make_celery()
@@ -195,7 +233,10 @@ def sweep() -> int:
     if ids:
         log.warning("sweep: re-enqueued %d stuck mail(s): %s", len(ids), ids[:20])
     if settings.effective_broker_url.startswith("sqla+"):
-        purge_delivered_messages(settings.effective_broker_url)
+        try:
+            purge_delivered_messages(settings.effective_broker_url)
+        except OperationalError as exc:  # broker.db busy or unreadable: the next sweep tries
+            log.warning("sweep: delivered broker messages not deleted: %s", exc.orig)
     return len(ids)
 
 
