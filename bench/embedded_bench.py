@@ -7,7 +7,8 @@ clients as fast as they are accepted, and waits until the backlog has drained.  
 between them, so the before/after ratio is measured in one run on the same machine.
 
 Reported per tree: accepted mails/s, committed mails/s (until the last one committed),
-250->committed p50/p99, CPU ms per mail of the whole process group.
+250->committed p50/p99, CPU ms per mail of the whole process group.  ``--rate`` paces the
+stream (mail i not before i/rate s), for the latency below saturation.
 
     python bench/embedded_bench.py --n 1000 --rounds 3
     python bench/embedded_bench.py --code-dir /tmp/before --code-dir .   # paired A/B
@@ -19,6 +20,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import shutil
 import sqlite3
 import statistics
 import sys
@@ -61,7 +63,8 @@ def _utc(text: str) -> float:
     return stamp.timestamp()
 
 
-def one_round(code_dir: Path, mails: list[Any], clients: int) -> dict[str, Any]:
+def one_round(code_dir: Path, mails: list[Any], clients: int, rate: float | None
+              ) -> dict[str, Any]:
     """``serve`` from ``code_dir`` on a fresh data directory; the stream; the drain."""
     CODE_DIR["path"] = code_dir
     workdir = Path(tempfile.mkdtemp(prefix="embedded-bench-"))
@@ -75,11 +78,14 @@ def one_round(code_dir: Path, mails: list[Any], clients: int) -> dict[str, Any]:
     serve = Proc("serve", [PYTHON, "-m", "workers.cli", "serve", "--config", str(config)],
                  workdir / "serve.log", r"ready\.", env, code_dir).start()
     try:
+        ready_by = time.monotonic() + 120
         while "listening on" not in serve.tail(1_000_000):
+            if time.monotonic() > ready_by:
+                raise RuntimeError(f"the listener did not start:\n{serve.tail()}")
             time.sleep(0.1)
         time.sleep(1.0)  # the worker's pool and beat settle
         cpu_before = _cpu_seconds(serve)
-        sent = send_stream(port, mails, clients)
+        sent = send_stream(port, mails, clients, rate)
         accepted = [s for s in sent if s.code == 250]
         database = workdir / "var" / "ticketgate.db"
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
@@ -96,6 +102,9 @@ def one_round(code_dir: Path, mails: list[Any], clients: int) -> dict[str, Any]:
                 "SELECT id, processed_at FROM inbound_mails WHERE processed_at IS NOT NULL"))
     finally:
         serve.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    if not accepted or not processed:
+        raise RuntimeError(f"{len(accepted)} mails accepted, {len(processed)} committed")
     t0 = min(s.t_start for s in sent)
     last_reply = max(s.t_reply for s in accepted)
     committed_at = {i: _utc(t) for i, t in processed.items()}
@@ -118,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rate", type=float,
+                        help="mails/s, paced (default: as fast as they are accepted)")
     parser.add_argument("--code-dir", type=Path, action="append",
                         help="a tree to run ticketgate from (repeat for A/B); default: this one")
     parser.add_argument("--tag", default=time.strftime("%Y%m%d-%H%M%S"))
@@ -127,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[dict[str, Any]]] = {str(t): [] for t in trees}
     for round_no in range(args.rounds):
         for tree in trees if round_no % 2 == 0 else reversed(trees):
-            result = one_round(tree, mails, args.clients)
+            result = one_round(tree, mails, args.clients, args.rate)
             runs[str(tree)].append(result)
             log(f"round {round_no + 1} {tree}: " + ", ".join(
                 f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
@@ -137,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                for tree, results in runs.items()}
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"embedded_bench-{args.tag}.json"
-    out.write_text(json.dumps({"n": args.n, "clients": args.clients, "runs": runs,
+    out.write_text(json.dumps({"n": args.n, "clients": args.clients, "rate": args.rate,
+                               "runs": runs,
                                "medians": summary}, indent=1), encoding="utf-8")
     for tree, medians in summary.items():
         log(f"median {tree}: " + ", ".join(f"{k} {v:.3g}" for k, v in medians.items()))

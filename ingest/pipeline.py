@@ -96,12 +96,13 @@ _COUNT_ATTEMPT = (
     .values(attempts=func.coalesce(InboundMail.attempts, 0) + 1)
     .returning(InboundMail.attempts)
 )
+# On SQLite the bytes come with the count, to be parsed before the mail's transaction.
+_COUNT_ATTEMPT_WITH_RAW = _COUNT_ATTEMPT.returning(InboundMail.raw)
 _EXISTS = select(InboundMail.id).where(InboundMail.id == bindparam("inbound"))
 _LOCK_RECORD = (
     select(*InboundMail.__table__.columns)
     .where(InboundMail.id == bindparam("inbound")).with_for_update()
 )
-_RAW = select(InboundMail.raw).where(InboundMail.id == bindparam("inbound"))
 _FINAL_STATE = (
     update(InboundMail)
     .where(InboundMail.id == bindparam("inbound"))
@@ -200,39 +201,43 @@ def _process_in(session: Session, inbound: InboundMail, raw: bytes, ingestor: In
     return info, ctx
 
 
-def _start_attempt(ingestor: Ingestor, inbound_id: int) -> int | None:
+@dataclass(slots=True)
+class Start:
+    """A counted processing start: how many there have been, and on SQLite the mail parsed
+    ahead of its transaction.
+
+    Every SQLite transaction holds its one write lock (``BEGIN IMMEDIATE``): parsed inside it
+    (half a mail's processing), a mail kept the listener's spool writes and the other workers
+    waiting.  PostgreSQL locks rows, so its mails are parsed in their transaction, and their
+    bytes (up to the size limit) are read once."""
+
+    attempts: int
+    prepared: ParsedMail | None = None
+
+
+def _start_attempt(ingestor: Ingestor, inbound_id: int) -> Start | None:
     """Count this processing start in its own commit, so a mail that kills or hangs its worker
     is recognised on the next delivery.  None when the record is already final."""
+    parse_ahead = ingestor.engine.dialect.name == "sqlite"
     with ingestor.sessions() as session:
         try:
-            attempts = session.connection().execute(_COUNT_ATTEMPT, {"inbound": inbound_id}
-                                                    ).scalar()
-            if attempts is not None:
+            row = session.connection().execute(
+                _COUNT_ATTEMPT_WITH_RAW if parse_ahead else _COUNT_ATTEMPT,
+                {"inbound": inbound_id}).first()
+            if row is not None:
                 session.commit()
-                return int(attempts)
-            exists = session.connection().execute(_EXISTS, {"inbound": inbound_id}).first()
+            else:
+                exists = session.connection().execute(_EXISTS, {"inbound": inbound_id}).first()
         except OperationalError as exc:  # retried with backoff, as the batch's start is
             raise TransientError(f"database unavailable: {exc.orig}") from exc
+    if row is None:
         if exists is None:
             raise InboundNotFound(f"no inbound mail {inbound_id}")
         return None  # final already
-
-
-def _parse_ahead(ingestor: Ingestor, inbound_id: int) -> ParsedMail | None:
-    """On SQLite, the mail parsed before its transaction.  Every transaction there holds the
-    one write lock (``BEGIN IMMEDIATE``), and a parse inside it (half a mail's processing)
-    kept the listener's spool writes and the other workers waiting.  PostgreSQL locks rows,
-    so its mails are parsed in their transaction, and their bytes are read once."""
-    if ingestor.engine.dialect.name != "sqlite":
-        return None
-    try:
-        with ingestor.sessions() as session:
-            raw = session.connection().execute(_RAW, {"inbound": inbound_id}).scalar()
-    except OperationalError as exc:
-        raise TransientError(f"database unavailable: {exc.orig}") from exc
-    if raw is None:
-        return None
-    return prepare_mail(raw, ingestor.settings.service.max_message_bytes)
+    if not parse_ahead:
+        return Start(int(row.attempts))
+    return Start(int(row.attempts),
+                 prepare_mail(row.raw, ingestor.settings.service.max_message_bytes))
 
 
 def _locked_record(session: Session, inbound_id: int) -> InboundMail | None:
@@ -245,12 +250,13 @@ def _locked_record(session: Session, inbound_id: int) -> InboundMail | None:
 
 def process_inbound(ingestor: Ingestor, inbound_id: int) -> TicketInfo:
     """Process a spooled record (SMTP, IMAP, worker and sweep path).  Idempotent."""
-    attempts = _start_attempt(ingestor, inbound_id)
+    start = _start_attempt(ingestor, inbound_id)
     max_attempts = ingestor.settings.worker.max_attempts
-    if attempts is not None and attempts > max_attempts:
+    if start is not None and start.attempts > max_attempts:
         return quarantine(ingestor, inbound_id, AttemptsExhausted(
-            f"processing started {attempts - 1} times without finishing (worker died or hung)"))
-    prepared = _parse_ahead(ingestor, inbound_id) if attempts is not None else None
+            f"processing started {start.attempts - 1} times without finishing "
+            "(worker died or hung)"))
+    prepared = start.prepared if start is not None else None
     for _race in range(MAX_KEY_RACES):
         with ingestor.sessions() as session:
             try:

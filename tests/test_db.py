@@ -158,6 +158,7 @@ def test_sqlite_write_lock_held_too_long_is_an_operational_error(
         conn.execute(text("INSERT INTO t VALUES (1)"))
     holder.join()
     with engine.begin() as conn:  # the connection is usable again once the lock is free
+        assert conn.execute(text("PRAGMA busy_timeout")).scalar() == db.SQLITE_BUSY_TIMEOUT_MS
         conn.execute(text("INSERT INTO t VALUES (2)"))
         assert conn.execute(text("SELECT n FROM t ORDER BY n")).scalars().all() == [2, 7]
     engine.dispose()

@@ -96,7 +96,10 @@ def prepare_embedded_broker(url: str, queue: str, attempts: int = 5) -> None:
             return
         except (IntegrityError, OperationalError) as exc:
             if attempt == attempts:
-                raise
+                # Not fatal: a listener still spools (the sweep enqueues later), and a worker's
+                # consumer reconnects until the broker can be used.
+                log.warning("embedded broker not prepared: %s", exc)
+                return
             log.info("broker tables created concurrently (%s), again", type(exc).__name__)
             time.sleep(0.05 * attempt)
 
@@ -114,7 +117,13 @@ def _drop_inherited_broker_engines() -> None:
     engines: dict[str, Any] = getattr(kombu_sqla.Channel, "_engines", {})
     for engine, _sessions in engines.values():
         engine.dispose(close=False)
+        # Kept, never collected here: collecting would close the parent's SQLite connections
+        # on file descriptor numbers the beat has closed and may have given to other files.
+        _INHERITED_BROKER_ENGINES.append(engine)
     engines.clear()
+
+
+_INHERITED_BROKER_ENGINES: list[Any] = []
 
 
 class ReconnectingScheduler(PersistentScheduler):
@@ -134,7 +143,8 @@ class ReconnectingScheduler(PersistentScheduler):
                 self.apply_async(entry, producer=self.producer, advance=False)
                 return
             except Exception as exc:  # the broker's errors come in many types
-                log.warning("beat: could not send %s; new broker connection. %s", entry.name, exc)
+                log.warning("beat: could not send %s; new broker connection. %s", entry.name, exc,
+                            exc_info=True)
                 self._drop_connection()
                 if attempt == 2:
                     return
@@ -240,6 +250,12 @@ def sweep() -> int:
     return len(ids)
 
 
+PURGE_BATCH_ROWS = 5000
+_DELETE_DELIVERED = text(
+    "DELETE FROM kombu_message WHERE id IN "
+    "(SELECT id FROM kombu_message WHERE visible = :delivered LIMIT :rows)")
+
+
 def purge_delivered_messages(url: str) -> int:
     """Delete the embedded broker's delivered messages; returns how many.
 
@@ -249,11 +265,15 @@ def purge_delivered_messages(url: str) -> int:
     again: a message handed back unacknowledged is stored anew, and one lost with its worker is
     found by the sweep through its spooled record.  So every invisible row can go."""
     engine = create_engine(url.removeprefix("sqla+"), poolclass=NullPool)
+    deleted = 0
     try:
-        with engine.begin() as connection:
-            deleted = connection.execute(
-                text("DELETE FROM kombu_message WHERE visible = :delivered"),
-                {"delivered": False}).rowcount
+        while True:  # in short transactions: publishers wait for each
+            with engine.begin() as connection:
+                batch = connection.execute(_DELETE_DELIVERED, {"delivered": False,
+                                                               "rows": PURGE_BATCH_ROWS}).rowcount
+            deleted += batch
+            if batch < PURGE_BATCH_ROWS:
+                break
     finally:
         engine.dispose()
     if deleted:
