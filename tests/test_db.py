@@ -125,14 +125,23 @@ def _hold_write_lock(path: Path, seconds: float, taken: threading.Event) -> None
     other.close()
 
 
-def test_sqlite_transaction_waits_for_the_write_lock(tmp_path: Path) -> None:
+def _engine_while_another_writer_holds_the_lock(tmp_path: Path, seconds: float
+                                                ) -> tuple[Engine, threading.Thread]:
+    """An engine on a fresh database with table ``t``, and the thread holding its write lock
+    for ``seconds`` (started, the lock taken)."""
     engine = db.make_engine(f"sqlite:///{tmp_path / 'lock.db'}")
     with engine.begin() as conn:
         conn.execute(text("CREATE TABLE t (n INTEGER)"))
     taken = threading.Event()
-    holder = threading.Thread(target=_hold_write_lock, args=(tmp_path / "lock.db", 0.3, taken))
+    holder = threading.Thread(target=_hold_write_lock,
+                              args=(tmp_path / "lock.db", seconds, taken))
     holder.start()
     assert taken.wait(5)
+    return engine, holder
+
+
+def test_sqlite_transaction_waits_for_the_write_lock(tmp_path: Path) -> None:
+    engine, holder = _engine_while_another_writer_holds_the_lock(tmp_path, 0.3)
     with engine.begin() as conn:  # waits for the holder's commit, so it sees the holder's row
         assert conn.execute(text("SELECT n FROM t")).scalars().all() == [7]
         conn.execute(text("INSERT INTO t VALUES (1)"))
@@ -147,13 +156,7 @@ def test_sqlite_write_lock_held_too_long_is_an_operational_error(
     """As SQLAlchemy raises it: callers retry a database they cannot use now, and only a mail
     that fails by itself is quarantined."""
     monkeypatch.setattr(db, "SQLITE_LOCK_WAIT_SECONDS", 0.1)
-    engine = db.make_engine(f"sqlite:///{tmp_path / 'lock.db'}")
-    with engine.begin() as conn:
-        conn.execute(text("CREATE TABLE t (n INTEGER)"))
-    taken = threading.Event()
-    holder = threading.Thread(target=_hold_write_lock, args=(tmp_path / "lock.db", 1.0, taken))
-    holder.start()
-    assert taken.wait(5)
+    engine, holder = _engine_while_another_writer_holds_the_lock(tmp_path, 1.0)
     with pytest.raises(OperationalError, match="locked"), engine.begin() as conn:
         conn.execute(text("INSERT INTO t VALUES (1)"))
     holder.join()
