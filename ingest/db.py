@@ -34,7 +34,7 @@ def make_engine(url: str) -> Engine:
             # below, so writers queue on the lock instead of failing on upgrade deadlocks.
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
+            _switch_to_wal(cur)
             cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
@@ -56,6 +56,22 @@ SQLITE_LOCK_RETRY_SECONDS = 0.001  # for the first SQLITE_LOCK_BRISK_SECONDS of 
 SQLITE_LOCK_BRISK_SECONDS = 0.02  # a turn of another writer usually ends within this
 SQLITE_LOCK_SLOW_RETRY_SECONDS = 0.005  # then: a long wait does not spin
 SQLITE_BUSY_TIMEOUT_MS = int(SQLITE_LOCK_WAIT_SECONDS * 1000)  # other statements: SQLite's wait
+
+
+def _switch_to_wal(cursor: Any) -> None:
+    """``PRAGMA journal_mode=WAL``, again while the database is locked.  A worker's pool
+    process opening a fresh database while another process set it up once failed here with
+    "database is locked" (in CI, not reproduced since), and its tasks with it; changing the
+    journal mode needs the database to itself for a moment."""
+    deadline = time.monotonic() + SQLITE_LOCK_WAIT_SECONDS
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(SQLITE_LOCK_SLOW_RETRY_SECONDS)
 
 
 def _begin_immediate(dbapi_conn: Any) -> None:

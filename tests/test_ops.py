@@ -502,3 +502,20 @@ def test_a_forked_pool_process_keeps_the_ingestor_with_connections_of_its_own(
     with parent.session() as session:  # the parent's connection is untouched by the child
         assert session.execute(text("SELECT pg_backend_pid()")).scalar_one() == parent_backend
     parent.close()
+
+
+def test_task_retries_when_the_database_cannot_be_opened(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker that cannot build its pipeline (database unreachable at its first task) retries
+    the task with backoff; a failed task would be acknowledged, its mails left to the sweep."""
+    from ingest.errors import TransientError
+    from workers.celery_app import process_inbound
+
+    unopenable = tmp_path / "ticketgate.db"
+    unopenable.mkdir()  # SQLite cannot open a directory: "unable to open database file"
+    settings = load_settings(None, database_url=f"sqlite:///{unopenable}")
+    monkeypatch.setattr(runtime, "_settings", settings)
+    monkeypatch.setattr(runtime, "_ingestor", None)
+    # Called directly, Task.retry raises the reason it was given instead of scheduling the retry.
+    with pytest.raises(TransientError, match="database unavailable: unable to open"):
+        process_inbound([1, 2])
