@@ -8,7 +8,9 @@ Reliability settings, and why:
 * JSON only: tasks carry inbound ids (up to 16), never mail bytes or pickles;
 * the sweep re-enqueues spooled records that are still ``received`` after ``worker.sweep_age``
   seconds, which covers what the broker itself can lose (a Redis restart without persistence);
-* processing is idempotent (row lock + final-state check), so a task delivered twice is harmless.
+* processing is idempotent (row lock + final-state check), so a task delivered twice is harmless;
+* the beat (:class:`ReconnectingScheduler`) outlives a failed publish, so the sweep never stops;
+* the embedded broker (kombu's SQL transport) is prepared before use and purged by the sweep.
 """
 
 from __future__ import annotations
