@@ -111,7 +111,9 @@ def _first_error(log: Path) -> str:
 def test_sweep_deletes_the_messages_the_embedded_broker_delivered(tmp_path: Path) -> None:
     """kombu's SQL transport keeps every delivered message; the sweep deletes them, so
     ``broker.db`` does not grow with every task for as long as the site runs.  The embedded
-    beat, forked by the worker, goes on sending sweeps after its first."""
+    beat, forked by the worker, goes on sending sweeps after its first.  (In one CI run its
+    first publish met a closed channel and was sent again at once on a new connection:
+    ``ReconnectingScheduler``, tested on its own below.)"""
     mails = 20
     with _worker_with_beat(tmp_path) as (env, log):
         subprocess.run([sys.executable, "-c", _SEND_EACH_ALONE, str(mails)], env=env,
@@ -129,7 +131,6 @@ def test_sweep_deletes_the_messages_the_embedded_broker_delivered(tmp_path: Path
             assert time.monotonic() < deadline, (
                 f"{tickets} tickets, {delivered} delivered messages kept\n{_first_error(log)}")
             time.sleep(0.5)
-        assert "could not send" not in log.read_text(errors="replace")
 
 
 def _wait_for_sweeps(log: Path, count: int, seconds: float) -> None:
