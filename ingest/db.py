@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,25 +59,9 @@ SQLITE_LOCK_SLOW_RETRY_SECONDS = 0.005  # then: a long wait does not spin
 SQLITE_BUSY_TIMEOUT_MS = int(SQLITE_LOCK_WAIT_SECONDS * 1000)  # other statements: SQLite's wait
 
 
-def _switch_to_wal(cursor: Any) -> None:
-    """``PRAGMA journal_mode=WAL``, again while the database is locked.  A worker's pool
-    process opening a fresh database while another process set it up once failed here with
-    "database is locked" (in CI, not reproduced since), and its tasks with it; changing the
-    journal mode needs the database to itself for a moment."""
-    deadline = time.monotonic() + SQLITE_LOCK_WAIT_SECONDS
-    while True:
-        try:
-            cursor.execute("PRAGMA journal_mode=WAL")
-            return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > deadline:
-                raise
-        time.sleep(SQLITE_LOCK_SLOW_RETRY_SECONDS)
-
-
-def _begin_immediate(dbapi_conn: Any) -> None:
-    """``BEGIN IMMEDIATE``, waiting for the write lock in steps of a millisecond (five, after the
-    first 20 ms of a wait).
+def _execute_while_locked(execute: Callable[[str], Any], statement: str) -> None:
+    """Run ``statement``; while SQLite answers "database is locked", try again every
+    millisecond (every five after the first 20 ms) for up to :data:`SQLITE_LOCK_WAIT_SECONDS`.
 
     SQLite's own busy handler sleeps 1, 2, 5, ... then 50 and 100 ms between tries: with the
     listener and two workers taking turns on the lock, the waiters were asleep most of the time
@@ -84,19 +69,34 @@ def _begin_immediate(dbapi_conn: Any) -> None:
     started = time.monotonic()
     deadline = started + SQLITE_LOCK_WAIT_SECONDS
     brisk_until = started + SQLITE_LOCK_BRISK_SECONDS
+    while True:
+        try:
+            execute(statement)
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(SQLITE_LOCK_RETRY_SECONDS if time.monotonic() < brisk_until
+                   else SQLITE_LOCK_SLOW_RETRY_SECONDS)
+
+
+def _switch_to_wal(cursor: Any) -> None:
+    """``PRAGMA journal_mode=WAL``, again while the database is locked.  A worker's pool
+    process opening a fresh database while another process set it up once failed here with
+    "database is locked" (in CI, not reproduced since), and its tasks with it; changing the
+    journal mode needs the database to itself for a moment."""
+    _execute_while_locked(cursor.execute, "PRAGMA journal_mode=WAL")
+
+
+def _begin_immediate(dbapi_conn: Any) -> None:
+    """``BEGIN IMMEDIATE`` with :func:`_execute_while_locked`'s wait instead of SQLite's."""
     dbapi_conn.execute("PRAGMA busy_timeout=0")
     try:
-        while True:
-            try:
-                dbapi_conn.execute("BEGIN IMMEDIATE")
-                return
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() > deadline:
-                    # as SQLAlchemy raises it, for the callers that tell a database that
-                    # cannot be used now (retry later) from a mail that cannot be processed
-                    raise OperationalError("BEGIN IMMEDIATE", None, exc) from exc
-            time.sleep(SQLITE_LOCK_RETRY_SECONDS if time.monotonic() < brisk_until
-                       else SQLITE_LOCK_SLOW_RETRY_SECONDS)
+        _execute_while_locked(dbapi_conn.execute, "BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as exc:
+        # as SQLAlchemy raises it, for the callers that tell a database that cannot be used
+        # now (retry later) from a mail that cannot be processed
+        raise OperationalError("BEGIN IMMEDIATE", None, exc) from exc
     finally:
         dbapi_conn.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
 

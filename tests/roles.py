@@ -89,3 +89,13 @@ class Role:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+def stop_celery_worker(worker: subprocess.Popen[bytes]) -> None:
+    """Celery's cold shutdown (SIGQUIT): the test is done with the worker; killed if it hangs."""
+    worker.send_signal(signal.SIGQUIT)
+    try:
+        worker.wait(20)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        worker.wait()

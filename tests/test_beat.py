@@ -8,7 +8,6 @@ on the embedded broker Celery's own scheduler did not, see ``test_embedded_broke
 from __future__ import annotations
 
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.roles import stop_celery_worker
 from tests.services import RedisServer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,10 +66,5 @@ def test_sweeps_go_on_after_a_redis_restart(tmp_path: Path, redis_server: RedisS
         _spool_and_wait_for_ticket(env, tmp_path, 2, log)
         assert "sweep: re-enqueued 1 stuck mail(s)" in log.read_text(errors="replace")
     finally:
-        worker.send_signal(signal.SIGQUIT)
-        try:
-            worker.wait(20)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
+        stop_celery_worker(worker)
         redis_server.ensure_running()

@@ -8,7 +8,6 @@ empty ``broker.db``, each doing what a worker (poll) and a listener (publish) do
 from __future__ import annotations
 
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -20,8 +19,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.roles import stop_celery_worker
+
 REPO = Path(__file__).resolve().parent.parent
 PROCESSES = 8
+
 
 def _site(tmp_path: Path, extra: str = "") -> dict[str, str]:
     config = tmp_path / "ticketgate.toml"
@@ -87,12 +89,7 @@ def _worker_with_beat(tmp_path: Path) -> Iterator[tuple[dict[str, str], Path]]:
     try:
         yield env, log
     finally:
-        worker.send_signal(signal.SIGQUIT)
-        try:
-            worker.wait(20)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
+        stop_celery_worker(worker)
 
 
 def _sweeps(log: Path) -> int:

@@ -7,7 +7,6 @@ import io
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from ingest.config import load_settings
 from ingest.config_lines import cross_reference_locations, dotted, key_lines, line_for
 from ingest.errors import ConfigError
 from ingest.service import Ingestor
+from tests.roles import stop_celery_worker
 from workers import cli, metrics, runtime
 
 REPO = Path(__file__).resolve().parents[1]
@@ -341,12 +341,7 @@ def worker_site(tmp_path: Path) -> Iterator[tuple[Path, int, dict[str, str]]]:
     try:
         yield config, port, env
     finally:
-        worker.send_signal(signal.SIGQUIT)  # Celery's cold shutdown: the test is done with it
-        try:
-            worker.wait(20)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
+        stop_celery_worker(worker)
 
 
 _BATCH_MAILS = """\
