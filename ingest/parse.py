@@ -24,7 +24,7 @@ import mimetypes
 import re
 from dataclasses import dataclass, field
 from email.message import Message as EmailMessage
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import charset_normalizer
 import mailparser
@@ -36,6 +36,9 @@ from ingest.classification import Classification
 from ingest.errors import ParseError
 from ingest.message_ids import message_ids_in as _ids
 from ingest.message_ids import normalize_message_id
+
+if TYPE_CHECKING:
+    from ingest.authentication import SenderAuthentication
 
 # mail-parser warns once per MIME part it leaves to us (delivery reports, returned headers):
 # every bounce would log a warning about nothing that is wrong.
@@ -109,6 +112,9 @@ class ParsedMail:
     # What kind of mail it is, from the mail alone; None until the classify step (or a replay
     # helper) has looked.
     classification: Classification | None = None
+    # The evidence on the From domain for the delivery being processed (its envelope, DNS),
+    # when worked out ahead of the mail's transaction (ingest.prepare.prepare_delivery).
+    authentication: SenderAuthentication | None = None
     by_helper: bool = False  # parsed in a replay helper process (the trace says so)
     defects: list[str] = field(default_factory=list)
     header_block: str = ""

@@ -6,12 +6,14 @@
           │
           └─> store (one transaction) ─> inbound record's final state ─> TicketInfo
 
-Each step takes the :class:`~ingest.context.MailContext`, adds to it, and returns ``None`` to go on
-or an :class:`~ingest.context.Outcome` to end processing with a reason.  Whatever happens, the
-inbound record ends in exactly one final state, in the same transaction as the ticket rows:
-``created``, ``appended``, ``duplicate``, ``ignored``, ``rejected``, or ``quarantined``: when a
-step raises (with the error), or when a policy holds the mail (DMARC, circuit breaker: with the
-reason); either is replayable with ``ticketgate quarantine replay``.
+What needs no database (the parse, the sender evidence with its DNS lookups) is worked out
+before a mail's transaction opens (:func:`~ingest.prepare.prepare_delivery`); the steps take it
+from there.  Each step takes the :class:`~ingest.context.MailContext`, adds to it, and returns
+``None`` to go on or an :class:`~ingest.context.Outcome` to end processing with a reason.
+Whatever happens, the inbound record ends in exactly one final state, in the same transaction as
+the ticket rows: ``created``, ``appended``, ``duplicate``, ``ignored``, ``rejected``, or
+``quarantined``: when a step raises (with the error), or when a policy holds the mail (DMARC,
+circuit breaker: with the reason); either is replayable with ``ticketgate quarantine replay``.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from ingest.context import BatchState, Claim, MailContext, Outcome, Trace
 from ingest.errors import AttemptsExhausted, InboundNotFound, ParentPending, TransientError
 from ingest.models import FINAL_STATES, InboundMail, utcnow
 from ingest.parse import ParsedMail
-from ingest.prepare import prepare_mail
+from ingest.prepare import add_evidence, prepare_delivery
 from ingest.reply import visible_reply
 from ingest.steps.authenticate import authenticate
 from ingest.steps.automail import stop_unreferenced_automatic_mail
@@ -90,18 +92,23 @@ _LOCK_RACE_STATES = frozenset({"40P01", "40001"})
 def _lost_lock_race(exc: OperationalError) -> bool:
     return getattr(exc.orig, "sqlstate", None) in _LOCK_RACE_STATES
 
+# The record comes back with its counted start: its bytes and envelope are what the mail's
+# processing works out ahead of its transaction (ingest.prepare.prepare_delivery).
 _COUNT_ATTEMPT = (
     update(InboundMail)
     .where(InboundMail.id == bindparam("inbound"), InboundMail.state.not_in(FINAL_STATES))
     .values(attempts=func.coalesce(InboundMail.attempts, 0) + 1)
-    .returning(InboundMail.attempts)
+    .returning(*InboundMail.__table__.columns)
 )
-# On SQLite the bytes come with the count, to be parsed before the mail's transaction.
-_COUNT_ATTEMPT_WITH_RAW = _COUNT_ATTEMPT.returning(InboundMail.raw)
 _EXISTS = select(InboundMail.id).where(InboundMail.id == bindparam("inbound"))
+# Locked in the transaction without the bytes, which the start read already.
+_WITHOUT_RAW = [column for column in InboundMail.__table__.columns if column.key != "raw"]
 _LOCK_RECORD = (
     select(*InboundMail.__table__.columns)
     .where(InboundMail.id == bindparam("inbound")).with_for_update()
+)
+_LOCK_RECORD_WITHOUT_RAW = (
+    select(*_WITHOUT_RAW).where(InboundMail.id == bindparam("inbound")).with_for_update()
 )
 _FINAL_STATE = (
     update(InboundMail)
@@ -203,27 +210,24 @@ def _process_in(session: Session, inbound: InboundMail, raw: bytes, ingestor: In
 
 @dataclass(slots=True)
 class Start:
-    """A counted processing start: how many there have been, and on SQLite the mail parsed
-    ahead of its transaction.
+    """A counted processing start: the record as it was counted (bytes and envelope), and what
+    could be worked out from them before the mail's transaction: see
+    :func:`~ingest.prepare.prepare_delivery`."""
 
-    Every SQLite transaction holds its one write lock (``BEGIN IMMEDIATE``): parsed inside it
-    (half a mail's processing), a mail kept the listener's spool writes and the other workers
-    waiting.  PostgreSQL locks rows, so its mails are parsed in their transaction, and their
-    bytes (up to the size limit) are read once."""
-
-    attempts: int
+    record: InboundMail
     prepared: ParsedMail | None = None
+
+    @property
+    def attempts(self) -> int:
+        return int(self.record.attempts)
 
 
 def _start_attempt(ingestor: Ingestor, inbound_id: int) -> Start | None:
     """Count this processing start in its own commit, so a mail that kills or hangs its worker
     is recognised on the next delivery.  None when the record is already final."""
-    parse_ahead = ingestor.engine.dialect.name == "sqlite"
     with ingestor.sessions() as session:
         try:
-            row = session.connection().execute(
-                _COUNT_ATTEMPT_WITH_RAW if parse_ahead else _COUNT_ATTEMPT,
-                {"inbound": inbound_id}).first()
+            row = session.connection().execute(_COUNT_ATTEMPT, {"inbound": inbound_id}).first()
             if row is not None:
                 session.commit()
             else:
@@ -234,18 +238,19 @@ def _start_attempt(ingestor: Ingestor, inbound_id: int) -> Start | None:
         if exists is None:
             raise InboundNotFound(f"no inbound mail {inbound_id}")
         return None  # final already
-    if not parse_ahead:
-        return Start(int(row.attempts))
-    return Start(int(row.attempts),
-                 prepare_mail(row.raw, ingestor.settings.service.max_message_bytes))
+    record = InboundMail(**row._mapping)
+    return Start(record, prepare_delivery(record, record.raw, ingestor.settings))
 
 
-def _locked_record(session: Session, inbound_id: int) -> InboundMail | None:
-    """The record, raw bytes included, locked for this transaction: one Core SELECT ... FOR
-    UPDATE.  The object stays outside the session; its final state is one UPDATE
-    (:func:`record_outcome`)."""
-    row = session.connection().execute(_LOCK_RECORD, {"inbound": inbound_id}).first()
-    return InboundMail(**row._mapping) if row is not None else None
+def _locked_record(session: Session, inbound_id: int, raw: bytes | None) -> InboundMail | None:
+    """The record locked for this transaction: one Core SELECT ... FOR UPDATE, which reads the
+    bytes only when ``raw`` (read at the start) is None.  The object stays outside the session;
+    its final state is one UPDATE (:func:`record_outcome`)."""
+    if raw is None:
+        row = session.connection().execute(_LOCK_RECORD, {"inbound": inbound_id}).first()
+        return InboundMail(**row._mapping) if row is not None else None
+    row = session.connection().execute(_LOCK_RECORD_WITHOUT_RAW, {"inbound": inbound_id}).first()
+    return InboundMail(**row._mapping, raw=raw) if row is not None else None
 
 
 def process_inbound(ingestor: Ingestor, inbound_id: int) -> TicketInfo:
@@ -256,11 +261,14 @@ def process_inbound(ingestor: Ingestor, inbound_id: int) -> TicketInfo:
         return quarantine(ingestor, inbound_id, AttemptsExhausted(
             f"processing started {start.attempts - 1} times without finishing "
             "(worker died or hung)"))
+    raw = start.record.raw if start is not None else None
     prepared = start.prepared if start is not None else None
-    for _race in range(MAX_KEY_RACES):
+    for race in range(MAX_KEY_RACES):
+        if race and start is not None:  # afresh: the last run's steps may have changed it
+            prepared = prepare_delivery(start.record, start.record.raw, ingestor.settings)
         with ingestor.sessions() as session:
             try:
-                inbound = _locked_record(session, inbound_id)
+                inbound = _locked_record(session, inbound_id, raw)
                 if inbound is None:
                     raise InboundNotFound(f"no inbound mail {inbound_id}")
                 if inbound.state in FINAL_STATES:
@@ -380,10 +388,11 @@ def _process_spooled(ingestor: Ingestor, inbound_ids: Sequence[int], deadline: f
     """One pass of :func:`process_inbound_many`: the fresh records as a batch, then the rest
     (and everything, if the batch failed) one by one."""
     results = SpooledResults()
-    fresh = _start_fresh(ingestor, inbound_ids) if _batches(ingestor, inbound_ids) else []
-    if fresh:
+    started = _start_fresh(ingestor, inbound_ids) if _batches(ingestor, inbound_ids) else []
+    if started:
+        fresh = [record.id for record in started]
         try:
-            _process_spooled_batch(ingestor, fresh, results)
+            _process_spooled_batch(ingestor, started, results)
         except TransientError:
             with contextlib.suppress(Exception):  # best effort: the database may be down
                 _forget_attempts(ingestor, fresh)
@@ -414,13 +423,12 @@ def _process_spooled(ingestor: Ingestor, inbound_ids: Sequence[int], deadline: f
 def _batches(ingestor: Ingestor, inbound_ids: Sequence[int]) -> bool:
     """Whether a task's fresh records may share a transaction.
 
-    Only on PostgreSQL, whose row locks leave the listener's spool INSERTs alone; SQLite's one
-    write lock would be held for the whole batch, DNS lookups included, and the listener waits
-    on it.  Only with ``max_attempts`` of 2 or more: a worker that dies in a batch leaves one
-    counted start on every mail of it, which must not exhaust an innocent mail's attempts.
+    Only with ``max_attempts`` of 2 or more: a worker that dies in a batch leaves one counted
+    start on every mail of it, which must not exhaust an innocent mail's attempts.  On SQLite
+    the batch holds the one write lock, which the listener's spool writes wait for, but only for
+    the database's work: parsing and DNS are done before the transaction, as for a mail alone.
     """
-    return (len(inbound_ids) > 1 and ingestor.engine.dialect.name == "postgresql"
-            and ingestor.settings.worker.max_attempts >= 2)
+    return len(inbound_ids) > 1 and ingestor.settings.worker.max_attempts >= 2
 
 
 # Larger mails run one by one: a batch holds all its mails' bytes and parses at once.
@@ -432,10 +440,10 @@ _START_FRESH = (
            func.coalesce(InboundMail.attempts, 0) == 0,
            InboundMail.size <= BATCH_MAX_MAIL_BYTES)
     .values(attempts=1)
-    .returning(InboundMail.id)
+    .returning(*InboundMail.__table__.columns)
 )
 _LOCK_RECORDS = (
-    select(*InboundMail.__table__.columns)
+    select(*_WITHOUT_RAW)
     .where(InboundMail.id.in_(bindparam("ids", expanding=True)))
     .order_by(InboundMail.id).with_for_update()
 )
@@ -504,16 +512,16 @@ def _replace_placeholders(batch: BatchState, infos: Iterable[TicketInfo],
                 line["note"] = note
 
 
-def _start_fresh(ingestor: Ingestor, inbound_ids: Sequence[int]) -> list[int]:
-    """Count the start of the records never started before, in its own commit; their ids."""
+def _start_fresh(ingestor: Ingestor, inbound_ids: Sequence[int]) -> list[InboundMail]:
+    """Count the start of the records never started before, in its own commit; those records
+    as counted, in id order."""
     with ingestor.sessions() as session:
         try:
-            fresh = session.connection().execute(_START_FRESH, {"ids": list(inbound_ids)}
-                                                 ).scalars().all()
+            rows = session.connection().execute(_START_FRESH, {"ids": list(inbound_ids)}).all()
             session.commit()
         except OperationalError as exc:
             raise TransientError(f"database unavailable: {exc.orig}") from exc
-    return sorted(fresh)
+    return sorted((InboundMail(**row._mapping) for row in rows), key=lambda record: record.id)
 
 
 def _forget_attempts(ingestor: Ingestor, inbound_ids: Sequence[int]) -> None:
@@ -523,20 +531,22 @@ def _forget_attempts(ingestor: Ingestor, inbound_ids: Sequence[int]) -> None:
         session.commit()
 
 
-def _process_spooled_batch(ingestor: Ingestor, inbound_ids: list[int],
+def _process_spooled_batch(ingestor: Ingestor, started: list[InboundMail],
                            results: SpooledResults) -> None:
+    # Parsed before the transaction (see prepare_delivery), and before the look-ups, so that
+    # what the mails look up is read with one query each.  Other workers commit while the
+    # batch runs: a parent they finish meanwhile defers its reply, and a person they create
+    # meanwhile is taken from them.
+    ahead = {record.id: (record.raw, prepare_delivery(record, record.raw, ingestor.settings))
+             for record in started}
     with ingestor.sessions() as session:
         try:
-            rows = session.connection().execute(_LOCK_RECORDS, {"ids": inbound_ids}).all()
-            inbounds = [InboundMail(**row._mapping) for row in rows]
+            rows = session.connection().execute(_LOCK_RECORDS, {"ids": sorted(ahead)}).all()
+            inbounds = [InboundMail(**row._mapping, raw=ahead[row.id][0]) for row in rows]
             claims = list({spool.dedupe_claim(i.mailbox_id, i.idempotency_key) for i in inbounds})
             lock_claims(session, claims)  # a second delivery in another batch goes first
             batch = BatchState(claims=read_claims(session, claims))
-            # Parsed first, so that what the mails look up is read with one query each.
-            # Other workers commit while the batch runs: a parent they finish meanwhile defers
-            # its reply, and a person they create meanwhile is taken from them.
-            max_bytes = ingestor.settings.service.max_message_bytes
-            parsed = [prepare_mail(i.raw, max_bytes) for i in inbounds]
+            parsed = [ahead[inbound.id][1] for inbound in inbounds]
             read_ahead(session, batch, inbounds, parsed, ingestor.settings, spooled_parents=True)
             for inbound, mail in zip(inbounds, parsed, strict=True):
                 if inbound.state in FINAL_STATES:  # finished by another worker meanwhile
@@ -575,10 +585,11 @@ def process_new(ingestor: Ingestor, inbound: InboundMail) -> TicketInfo:
     """
     raw = inbound.raw
     for _race in range(MAX_KEY_RACES):
+        prepared = prepare_delivery(inbound, raw, ingestor.settings)  # before the transaction
         with ingestor.sessions() as session:
             try:
                 spool.insert_records(session.connection(), [inbound])
-                info, _ctx = _process_in(session, inbound, raw, ingestor)
+                info, _ctx = _process_in(session, inbound, raw, ingestor, prepared=prepared)
                 session.commit()
                 _log(info)
                 return info
@@ -607,10 +618,16 @@ def process_new_batch(ingestor: Ingestor, inbounds: Sequence[InboundMail],
     through :func:`process_new`, which quarantines the mail at fault.  The caller acknowledges
     nothing before this returns, so a crash loses nothing: a second replay finds what the first
     committed and answers ``duplicate``.  ``prepared`` holds each mail's parse done ahead
-    (:mod:`ingest.prepare`), or None where the parse step must parse.
+    (:mod:`ingest.prepare`'s helpers), or None where it is parsed here, before the transaction.
     """
     raws = [inbound.raw for inbound in inbounds]
     parsed = list(prepared) if prepared is not None else [None] * len(raws)
+    for index, (inbound, raw) in enumerate(zip(inbounds, raws, strict=True)):
+        mail = parsed[index]  # worked out before the transaction, see prepare_delivery
+        if mail is None:
+            parsed[index] = prepare_delivery(inbound, raw, ingestor.settings)
+        else:
+            add_evidence(mail, inbound, raw, ingestor.settings)
     infos: list[TicketInfo] = []
     with ingestor.sessions() as session:
         try:

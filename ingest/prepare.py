@@ -1,5 +1,10 @@
-"""Parse replayed mail in helper processes while the main process writes the tickets.
+"""What a mail's processing works out before its transaction, and replay's helper processes.
 
+Everything that needs no database (the parse, the visible reply, the classification, and the
+sender evidence with its DNS lookups) is worked out before a mail's transaction opens
+(:func:`prepare_delivery`), so the transaction holds its locks only for the database's work.
+
+Replay goes further and parses in helper processes while the main process writes the tickets.
 Parsing and visible-reply extraction need nothing but the bytes, and they were about 40% of a
 replayed mail's time.  The steps that read and write the database must run one mail after the
 other in one process (a reply needs its parent's ticket), so a replay used one core of several.
@@ -33,8 +38,11 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 from ingest import spool
+from ingest.config import Settings
+from ingest.models import InboundMail
 from ingest.parse import ParsedMail, parse_mail
 from ingest.reply import visible_reply
+from ingest.steps.authenticate import sender_evidence
 from ingest.steps.classify import classify_mail
 
 log = logging.getLogger("ticketgate.prepare")
@@ -92,6 +100,28 @@ class Prepared:
 def prepare(raw: bytes, max_bytes: int) -> Prepared:
     """The spool digest, the parse step's work and the visible reply of one mail."""
     return Prepared(*spool.raw_digest(raw), prepare_mail(raw, max_bytes))
+
+
+def prepare_delivery(inbound: InboundMail, raw: bytes, settings: Settings) -> ParsedMail | None:
+    """:func:`prepare_mail` and the sender evidence for this delivery: everything the steps
+    need that takes no database, worked out before the mail's transaction opens.
+
+    A transaction open during a parse or during SPF, DKIM and DMARC lookups (seconds, when a
+    name server is slow) holds SQLite's one write lock, so the listener's spool writes and
+    every other worker wait; on PostgreSQL it holds rows, claim locks and a pooled connection.
+    None where the pipeline must parse; the evidence is left to the step where it could not be
+    worked out here (the step then meets the error on the ordinary path)."""
+    mail = prepare_mail(raw, settings.service.max_message_bytes)
+    if mail is not None:
+        add_evidence(mail, inbound, raw, settings)
+    return mail
+
+
+def add_evidence(mail: ParsedMail, inbound: InboundMail, raw: bytes, settings: Settings) -> None:
+    """Work out ``mail.authentication`` for this delivery ahead of its transaction."""
+    with contextlib.suppress(Exception):
+        mail.authentication = sender_evidence(settings, settings.mailbox_for(inbound.mailbox_id),
+                                              inbound, raw, mail.message)
 
 
 def prepare_mail(raw: bytes, max_bytes: int) -> ParsedMail | None:

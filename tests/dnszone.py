@@ -53,11 +53,26 @@ class Zone(BaseResolver):  # type: ignore[misc]
         return reply
 
 
+class HeldZone(Zone):
+    """A name server that is slow to answer: every query waits until the test releases it.
+    ``asked`` is set when the first query arrives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked = threading.Event()
+        self.released = threading.Event()
+
+    def resolve(self, request: Any, handler: Any) -> Any:
+        self.asked.set()
+        self.released.wait(60)
+        return super().resolve(request, handler)
+
+
 class LoopbackDns:
     """UDP and TCP servers for one :class:`Zone` on the same free loopback port."""
 
-    def __init__(self) -> None:
-        self.zone = Zone()
+    def __init__(self, zone: Zone | None = None) -> None:
+        self.zone = zone or Zone()
         logger = DNSLogger(log="-request,-reply,-truncated,-error,-recv,-send,-data",
                            prefix=False)
         for _attempt in range(20):

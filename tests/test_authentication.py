@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import textwrap
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email import message_from_bytes
@@ -39,10 +40,12 @@ from ingest.authentication import (
 )
 from ingest.config import load_settings
 from ingest.models import InboundMail, Message, Ticket
+from ingest.pipeline import SpooledResults
 from ingest.service import Ingestor
 from ingest.spool import Envelope
 from ingest.ticketinfo import TicketInfo
-from tests.dnszone import LoopbackDns, unused_port
+from tests.dnszone import HeldZone, LoopbackDns, unused_port
+from tests.locks import database_held
 
 ATTACKER = "203.0.113.66"
 TRUSTED_ID = "mx.ticketgate.test"
@@ -517,3 +520,41 @@ def test_from_domain_needs_exactly_one_author() -> None:
     assert from_domain(message_from_bytes(b"From: a@x.test, b@y.test\r\n\r\n"))[0] is None
     assert from_domain(message_from_bytes(b"From: a@x.test\r\nFrom: b@y.test\r\n\r\n"))[0] is None
     assert from_domain(message_from_bytes(b"Subject: none\r\n\r\n"))[0] is None
+
+
+# --- a slow name server ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("together", [1, 2], ids=["alone", "batch"])
+def test_slow_dns_holds_up_only_its_own_mail(make_ingestor: Callable[..., Ingestor],
+                                             tmp_path: Path, together: int) -> None:
+    """SPF, DKIM and DMARC lookups run before the mail's transaction.  While a worker waits on
+    a name server that does not answer, the listener still spools (SQLite's one write lock is
+    free) and the worker keeps no PostgreSQL transaction open; once the server answers, the
+    mails are processed."""
+    held = LoopbackDns(HeldZone())
+    try:
+        ing = make_ingestor(CONFIG.format(port=held.port, timeout=30.0, trusted=TRUSTED_ID),
+                            tmp_path)
+        envelope = Envelope(mail_from="michael@good.test", rcpt_to=["support@example.com"],
+                            client_ip="192.0.2.10", helo="mail.good.test")
+        ids = [ing.receive(mail(sender="Michael <michael@good.test>"), 1, door="smtp",
+                           source="smtp:192.0.2.10", envelope=envelope)
+               for _ in range(together)]
+        results: list[SpooledResults] = []
+        worker = threading.Thread(target=lambda: results.append(ing.process_many(ids)))
+        worker.start()
+        assert held.zone.asked.wait(20), "the worker never asked the name server"
+        spooled: list[int] = []
+        listener = threading.Thread(target=lambda: spooled.append(ing.receive(mail(), 1, "smtp")))
+        listener.start()
+        listener.join(10)
+        assert spooled, "a spool write waited for another mail's DNS lookups"
+        assert not database_held(ing)
+        held.zone.released.set()
+        worker.join(60)
+        assert results and len(results[0].infos) == together
+        assert {info.Action for info in results[0].infos.values()} == {"created"}
+    finally:
+        held.zone.released.set()
+        held.stop()

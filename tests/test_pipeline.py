@@ -7,6 +7,7 @@ import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -17,6 +18,7 @@ from ingest.models import InboundMail, Message, Person, Ticket, TicketNumberCoun
 from ingest.service import Ingestor, RecordedError
 from ingest.spool import Envelope
 from ingest.tokens import outgoing_message_id
+from tests.locks import database_held
 
 CONFIG = """
 [service]
@@ -441,41 +443,29 @@ def test_process_is_idempotent_for_spooled_records(ing: Ingestor) -> None:
     assert count(ing, Message) == 1
 
 
-def test_spooled_mail_is_parsed_outside_its_transaction_on_sqlite(
-        ing: Ingestor, monkeypatch: pytest.MonkeyPatch) -> None:
-    """SQLite has one write lock and every transaction holds it: a mail parsed inside its
-    transaction kept the listener waiting.  While the parse runs, another writer (here its
-    own connection) gets the lock at once.  PostgreSQL parses in the transaction, which holds
-    row locks only, and reads the bytes once."""
-    import sqlite3
-
+@pytest.mark.parametrize("together", [1, 3], ids=["alone", "batch"])
+def test_spooled_mail_is_parsed_outside_its_transaction(
+        ing: Ingestor, monkeypatch: pytest.MonkeyPatch, together: int) -> None:
+    """A mail is parsed before its transaction opens, alone or in a worker's batch.  On SQLite
+    a parse inside held the one write lock, and the listener's spool writes waited; on
+    PostgreSQL it held the rows, claim locks and a pooled connection."""
     import ingest.pipeline as pipeline
 
-    inbound_id = ing.receive(mail(), 1, door="smtp")
-    lock_free_during_parse: list[bool] = []
-    real_prepare = pipeline.prepare_mail
+    ids = [ing.receive(mail(subject=f"Printer {n}", message_id=f"m{n}@techcorp.com"), 1,
+                       door="smtp") for n in range(together)]
+    held_during_parse: list[bool] = []
+    real_prepare = pipeline.prepare_delivery
 
-    def prepare_watched(raw: bytes, max_bytes: int) -> object:
-        database = ing.engine.url.database
-        other = sqlite3.connect(database, timeout=0, isolation_level=None)
-        try:
-            other.execute("BEGIN IMMEDIATE")
-            other.execute("ROLLBACK")
-            lock_free_during_parse.append(True)
-        except sqlite3.OperationalError:
-            lock_free_during_parse.append(False)
-        finally:
-            other.close()
-        return real_prepare(raw, max_bytes)
+    def prepare_watched(record: InboundMail, raw: bytes, settings: Any) -> object:
+        held_during_parse.append(database_held(ing))
+        return real_prepare(record, raw, settings)
 
-    if ing.engine.dialect.name == "sqlite":
-        monkeypatch.setattr(pipeline, "prepare_mail", prepare_watched)
-    info = ing.process(inbound_id)
-    assert info.Action == "created"
-    if ing.engine.dialect.name == "sqlite":
-        assert lock_free_during_parse == [True]
+    monkeypatch.setattr(pipeline, "prepare_delivery", prepare_watched)
+    results = ing.process_many(ids)
+    assert sorted(info.Action for info in results.infos.values()) == ["created"] * together
+    assert held_during_parse == [False] * together
     with ing.session() as s:
-        assert s.scalar(select(InboundMail.state).where(InboundMail.id == inbound_id)) == "created"
+        assert set(s.scalars(select(InboundMail.state))) == {"created"}
 
 
 def test_concurrent_deliveries_of_one_mail_make_one_ticket(ing: Ingestor) -> None:

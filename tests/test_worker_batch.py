@@ -212,12 +212,11 @@ def test_a_failed_batch_is_redone_one_by_one_and_only_the_culprit_is_quarantined
     assert count(ing, Ticket) == 2
 
 
-def test_no_batch_on_sqlite_nor_with_a_single_attempt(make_ingestor: Callable[..., Ingestor],
-                                                      tmp_path: Path, db_url: str) -> None:
-    """SQLite's single write lock would be held for the whole batch; and with max_attempts = 1
-    a worker dying in a batch would exhaust every mail of it."""
+def test_no_batch_of_one_nor_with_a_single_attempt(make_ingestor: Callable[..., Ingestor],
+                                                   tmp_path: Path) -> None:
+    """With max_attempts = 1 a worker dying in a batch would exhaust every mail of it."""
     ing = make_ingestor(CONFIG.format(reopen="reopen"), tmp_path)
-    assert pipeline._batches(ing, [1, 2]) == db_url.startswith("postgresql")
+    assert pipeline._batches(ing, [1, 2])
     assert not pipeline._batches(ing, [1])
     single = make_ingestor(CONFIG.format(reopen="reopen") + "\n[worker]\nmax_attempts = 1\n",
                            tmp_path)
@@ -279,18 +278,20 @@ def count_statements(ing: Ingestor, marker: str) -> Callable[[], int]:
     return lambda: len(seen)
 
 
-@pytest.mark.parametrize("too_many", [False, True], ids=["read-ahead", "too-many-rows"])
+@pytest.mark.parametrize("way", ["read-ahead", "too-many-rows", "one-by-one"])
 def test_the_breaker_counts_a_batch_by_each_mails_own_window(
-        make_ingestor: Callable[..., Ingestor], tmp_path: Path, too_many: bool,
+        make_ingestor: Callable[..., Ingestor], tmp_path: Path, way: str,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A worker batch reads the messages its breaker checks count once (the circuit breaker's
     ``read_window``) and counts each mail over its own hour: the stored messages of the window
     plus the batch's own, none outside it.  Arrival minutes 0-3 and 70-73 are two bursts, 125
-    and 131 see part of the second; one by one (SQLite) gives the same, and so does a batch
-    whose window holds more rows than it keeps (each mail then asks)."""
-    if too_many:
+    and 131 see part of the second; one by one (no batches with ``max_attempts = 1``) gives the
+    same, and so does a batch whose window holds more rows than it keeps (each mail then
+    asks)."""
+    if way == "too-many-rows":
         monkeypatch.setattr(circuit_breaker, "WINDOW_MAX_ROWS", 0)
-    ing = make_ingestor(CONFIG.format(reopen="reopen")
+    one_by_one = "\n[worker]\nmax_attempts = 1\n" if way == "one-by-one" else ""
+    ing = make_ingestor(CONFIG.format(reopen="reopen") + one_by_one
                         + '\n[limits]\nper_sender_subject_max = 3\ndoors = ["imap"]\n', tmp_path)
     start = dt.datetime(2026, 11, 2, 8, 0, tzinfo=dt.UTC)
     minutes = [0, 1, 2, 3, 70, 71, 72, 73, 125, 131]
@@ -303,10 +304,10 @@ def test_the_breaker_counts_a_batch_by_each_mails_own_window(
     actions = [{**first.infos, **second.infos}[i].Action for i in ids]
     assert actions == ["created"] * 3 + ["quarantined"] + ["created"] * 3 + ["quarantined"] + [
         "quarantined", "created"]
-    # PostgreSQL's batches count from what they read ahead; one by one, each mail asks, and
-    # so does each mail of a batch whose window was too big to keep (the second here).
-    batched = ing.engine.dialect.name == "postgresql"
-    assert counted() == (len(ids) if not batched else len(ids[5:]) if too_many else 0)
+    # Batches count from what they read ahead; one by one, each mail asks, and so does each
+    # mail of a batch whose window was too big to keep (the second here).
+    expected = {"read-ahead": 0, "too-many-rows": len(ids[5:]), "one-by-one": len(ids)}
+    assert counted() == expected[way]
 
 
 def test_a_batch_asks_per_batch_not_per_mail(fresh_postgres_url: str, tmp_path: Path) -> None:

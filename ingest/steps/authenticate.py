@@ -19,6 +19,8 @@ What the policy in force (``[authentication]``, per-mailbox overrides) does with
 
 from __future__ import annotations
 
+from email.message import Message
+
 from ingest.authentication import (
     SenderAuthentication,
     authenticate_from_header,
@@ -27,21 +29,29 @@ from ingest.authentication import (
     lookup_for,
     trusted_results,
 )
+from ingest.config import Mailbox, Settings
 from ingest.context import MailContext, Outcome
+from ingest.models import InboundMail
 
 DMARC_HOLD = "DMARC policy"  # the quarantine reason's prefix; a replay of it is a release
 
 
-def _evidence(ctx: MailContext, trusted_ids: list[str]) -> SenderAuthentication:
-    section = ctx.settings.authentication
-    inbound = ctx.inbound
-    message = ctx.mail.message
+def sender_evidence(settings: Settings, mailbox: Mailbox, inbound: InboundMail, raw: bytes,
+                    message: Message) -> SenderAuthentication:
+    """The evidence on the From domain for this delivery, with the DNS lookups it takes.
+
+    It needs no database, so the pipeline works it out before a mail's transaction
+    (:func:`ingest.prepare.prepare_delivery`): a slow name server then holds up only this mail,
+    not SQLite's one write lock (which the listener's spool writes wait for) or PostgreSQL rows
+    and a pooled connection."""
+    section = settings.authentication
     if inbound.door == "smtp" and inbound.client_ip and section.check_smtp and not in_networks(
         inbound.client_ip, section.trusted_relays
     ):
-        return authenticate_smtp(lookup_for(section), ctx.raw, message, inbound.client_ip,
+        return authenticate_smtp(lookup_for(section), raw, message, inbound.client_ip,
                                  inbound.helo, inbound.envelope_from,
                                  section.max_dkim_signatures)
+    trusted_ids = section.policy_for(mailbox).trusted_authserv_ids
     header = trusted_results(message, trusted_ids)
     if header is not None:
         return authenticate_from_header(lookup_for(section), message, header, inbound.sha256)
@@ -63,7 +73,9 @@ def _idna(domain: str) -> str:
 
 def authenticate(ctx: MailContext) -> Outcome | None:
     policy = ctx.settings.authentication.policy_for(ctx.mailbox)
-    auth = _evidence(ctx, policy.trusted_authserv_ids)
+    auth = ctx.mail.authentication  # worked out ahead of the transaction, or None
+    if auth is None:
+        auth = sender_evidence(ctx.settings, ctx.mailbox, ctx.inbound, ctx.raw, ctx.mail.message)
     ctx.authentication = auth
     ctx.trace.add("authenticate", f"{auth.source}: {auth.verdict}: {auth.reason}",
                   results=auth.summary(), authserv_id=auth.authserv_id,
