@@ -210,12 +210,11 @@ def _process_in(session: Session, inbound: InboundMail, raw: bytes, ingestor: In
 
 @dataclass(slots=True)
 class Start:
-    """A counted processing start: the record as it was counted (bytes and envelope), and what
-    could be worked out from them before the mail's transaction: see
-    :func:`~ingest.prepare.prepare_delivery`."""
+    """A counted processing start: the record as it was counted, its bytes and envelope
+    included, which the mail's processing works out from before its transaction opens (see
+    :func:`~ingest.prepare.prepare_delivery`)."""
 
     record: InboundMail
-    prepared: ParsedMail | None = None
 
     @property
     def attempts(self) -> int:
@@ -238,8 +237,7 @@ def _start_attempt(ingestor: Ingestor, inbound_id: int) -> Start | None:
         if exists is None:
             raise InboundNotFound(f"no inbound mail {inbound_id}")
         return None  # final already
-    record = InboundMail(**row._mapping)
-    return Start(record, prepare_delivery(record, record.raw, ingestor.settings))
+    return Start(InboundMail(**row._mapping))
 
 
 def _locked_record(session: Session, inbound_id: int, raw: bytes | None) -> InboundMail | None:
@@ -261,11 +259,14 @@ def process_inbound(ingestor: Ingestor, inbound_id: int) -> TicketInfo:
         return quarantine(ingestor, inbound_id, AttemptsExhausted(
             f"processing started {start.attempts - 1} times without finishing "
             "(worker died or hung)"))
+    # Prepared after the check above: a mail whose parse or DKIM check kills its worker is
+    # quarantined on its next start, not parsed again.
     raw = start.record.raw if start is not None else None
-    prepared = start.prepared if start is not None else None
-    for race in range(MAX_KEY_RACES):
-        if race and start is not None:  # afresh: the last run's steps may have changed it
-            prepared = prepare_delivery(start.record, start.record.raw, ingestor.settings)
+    prepared: ParsedMail | None = None
+    for _race in range(MAX_KEY_RACES):
+        if start is not None:  # afresh on a retry: the last run's steps may have changed it
+            prepared = prepare_delivery(start.record, start.record.raw, ingestor.settings,
+                                        prepared.authentication if prepared else None)
         with ingestor.sessions() as session:
             try:
                 inbound = _locked_record(session, inbound_id, raw)
@@ -388,22 +389,8 @@ def _process_spooled(ingestor: Ingestor, inbound_ids: Sequence[int], deadline: f
     """One pass of :func:`process_inbound_many`: the fresh records as a batch, then the rest
     (and everything, if the batch failed) one by one."""
     results = SpooledResults()
-    started = _start_fresh(ingestor, inbound_ids) if _batches(ingestor, inbound_ids) else []
-    if started:
-        fresh = [record.id for record in started]
-        try:
-            _process_spooled_batch(ingestor, started, results)
-        except TransientError:
-            with contextlib.suppress(Exception):  # best effort: the database may be down
-                _forget_attempts(ingestor, fresh)
-            raise
-        except Exception as exc:  # one by one below, from the records' unchanged state
-            log.info("batch of %d spooled mails failed (%s: %s); one by one",
-                     len(fresh), type(exc).__name__, exc)
-            _forget_attempts(ingestor, fresh)
-            results.infos.clear()
-            results.deferred.clear()
-            results.parents.clear()
+    if _batches(ingestor, inbound_ids):
+        _run_batch(ingestor, inbound_ids, deadline, results)
     for position, inbound_id in enumerate(inbound_ids):
         if inbound_id in results.infos or inbound_id in results.deferred:
             continue
@@ -418,6 +405,53 @@ def _process_spooled(ingestor: Ingestor, inbound_ids: Sequence[int], deadline: f
         except InboundNotFound:
             results.missing.append(inbound_id)
     return results
+
+
+def _run_batch(ingestor: Ingestor, inbound_ids: Sequence[int], deadline: float | None,
+               results: SpooledResults) -> None:
+    """The fresh records among ``inbound_ids`` as one batch, into ``results``; what it leaves
+    (prepared after ``deadline``, or all of them if the batch failed) is left to the caller's
+    one-by-one pass, from the records' unchanged state."""
+    started = _start_fresh(ingestor, inbound_ids)
+    if not started:
+        return
+    ahead = _prepare_ahead(ingestor, started, deadline)
+    fresh = list(ahead)
+    unbegun = [record.id for record in started if record.id not in ahead]
+    del started  # the bytes the batch needs are in ``ahead``
+    if unbegun:  # past the deadline: handed back, uncounted, by the one-by-one pass
+        _forget_attempts(ingestor, unbegun)
+    if not ahead:
+        return
+    try:
+        _process_spooled_batch(ingestor, ahead, results)
+    except TransientError:
+        with contextlib.suppress(Exception):  # best effort: the database may be down
+            _forget_attempts(ingestor, fresh)
+        raise
+    except Exception as exc:  # one by one, from the records' unchanged state
+        log.info("batch of %d spooled mails failed (%s: %s); one by one",
+                 len(fresh), type(exc).__name__, exc)
+        _forget_attempts(ingestor, fresh)
+        results.infos.clear()
+        results.deferred.clear()
+        results.parents.clear()
+
+
+Ahead = dict[int, tuple[bytes, ParsedMail | None]]  # inbound id -> (bytes, prepared mail)
+
+
+def _prepare_ahead(ingestor: Ingestor, started: list[InboundMail], deadline: float | None
+                   ) -> Ahead:
+    """A batch's mails prepared before its transaction (:func:`prepare_delivery`), in id
+    order; none begun after ``deadline``: a name server that does not answer can cost a mail
+    seconds of timeouts, and the task must hand back in time what it has not begun."""
+    ahead: Ahead = {}
+    for record in started:
+        if deadline is not None and time.monotonic() > deadline:
+            break
+        ahead[record.id] = (record.raw, prepare_delivery(record, record.raw, ingestor.settings))
+    return ahead
 
 
 def _batches(ingestor: Ingestor, inbound_ids: Sequence[int]) -> bool:
@@ -531,14 +565,11 @@ def _forget_attempts(ingestor: Ingestor, inbound_ids: Sequence[int]) -> None:
         session.commit()
 
 
-def _process_spooled_batch(ingestor: Ingestor, started: list[InboundMail],
-                           results: SpooledResults) -> None:
-    # Parsed before the transaction (see prepare_delivery), and before the look-ups, so that
-    # what the mails look up is read with one query each.  Other workers commit while the
+def _process_spooled_batch(ingestor: Ingestor, ahead: Ahead, results: SpooledResults) -> None:
+    # The mails come parsed (before the transaction, and before the look-ups, so that what
+    # they look up is read with one query each).  On PostgreSQL other workers commit while the
     # batch runs: a parent they finish meanwhile defers its reply, and a person they create
     # meanwhile is taken from them.
-    ahead = {record.id: (record.raw, prepare_delivery(record, record.raw, ingestor.settings))
-             for record in started}
     with ingestor.sessions() as session:
         try:
             rows = session.connection().execute(_LOCK_RECORDS, {"ids": sorted(ahead)}).all()
@@ -584,8 +615,10 @@ def process_new(ingestor: Ingestor, inbound: InboundMail) -> TicketInfo:
     as ``quarantined`` so nothing is lost.
     """
     raw = inbound.raw
+    prepared: ParsedMail | None = None
     for _race in range(MAX_KEY_RACES):
-        prepared = prepare_delivery(inbound, raw, ingestor.settings)  # before the transaction
+        prepared = prepare_delivery(inbound, raw, ingestor.settings,  # before the transaction
+                                    prepared.authentication if prepared else None)
         with ingestor.sessions() as session:
             try:
                 spool.insert_records(session.connection(), [inbound])

@@ -38,6 +38,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 from ingest import spool
+from ingest.authentication import SenderAuthentication
 from ingest.config import Settings
 from ingest.models import InboundMail
 from ingest.parse import ParsedMail, parse_mail
@@ -102,7 +103,8 @@ def prepare(raw: bytes, max_bytes: int) -> Prepared:
     return Prepared(*spool.raw_digest(raw), prepare_mail(raw, max_bytes))
 
 
-def prepare_delivery(inbound: InboundMail, raw: bytes, settings: Settings) -> ParsedMail | None:
+def prepare_delivery(inbound: InboundMail, raw: bytes, settings: Settings,
+                     evidence: SenderAuthentication | None = None) -> ParsedMail | None:
     """:func:`prepare_mail` and the sender evidence for this delivery: everything the steps
     need that takes no database, worked out before the mail's transaction opens.
 
@@ -110,18 +112,26 @@ def prepare_delivery(inbound: InboundMail, raw: bytes, settings: Settings) -> Pa
     name server is slow) holds SQLite's one write lock, so the listener's spool writes and
     every other worker wait; on PostgreSQL it holds rows, claim locks and a pooled connection.
     None where the pipeline must parse; the evidence is left to the step where it could not be
-    worked out here (the step then meets the error on the ordinary path)."""
+    worked out here (the step then meets the error on the ordinary path).  ``evidence`` from an
+    earlier run of the same delivery (a retry after a lost race) is taken as it is: no step
+    changes it, and its lookups need not be made twice."""
     mail = prepare_mail(raw, settings.service.max_message_bytes)
     if mail is not None:
-        add_evidence(mail, inbound, raw, settings)
+        if evidence is not None:
+            mail.authentication = evidence
+        else:
+            add_evidence(mail, inbound, raw, settings)
     return mail
 
 
 def add_evidence(mail: ParsedMail, inbound: InboundMail, raw: bytes, settings: Settings) -> None:
     """Work out ``mail.authentication`` for this delivery ahead of its transaction."""
-    with contextlib.suppress(Exception):
+    try:
         mail.authentication = sender_evidence(settings, settings.mailbox_for(inbound.mailbox_id),
                                               inbound, raw, mail.message)
+    except Exception as exc:  # the step works it out again and records what it meets
+        log.warning("inbound %s: sender evidence failed ahead of the transaction: %s: %s",
+                    inbound.id, type(exc).__name__, exc)
 
 
 def prepare_mail(raw: bytes, max_bytes: int) -> ParsedMail | None:

@@ -456,9 +456,9 @@ def test_spooled_mail_is_parsed_outside_its_transaction(
     held_during_parse: list[bool] = []
     real_prepare = pipeline.prepare_delivery
 
-    def prepare_watched(record: InboundMail, raw: bytes, settings: Any) -> object:
+    def prepare_watched(record: InboundMail, raw: bytes, settings: Any, *more: Any) -> object:
         held_during_parse.append(database_held(ing))
-        return real_prepare(record, raw, settings)
+        return real_prepare(record, raw, settings, *more)
 
     monkeypatch.setattr(pipeline, "prepare_delivery", prepare_watched)
     results = ing.process_many(ids)
@@ -466,6 +466,34 @@ def test_spooled_mail_is_parsed_outside_its_transaction(
     assert held_during_parse == [False] * together
     with ing.session() as s:
         assert set(s.scalars(select(InboundMail.state))) == {"created"}
+
+
+class _WorkerDied(BaseException):
+    """Stands in for a worker killed in the middle of a mail (out of memory, a time limit)."""
+
+
+def test_a_mail_that_kills_its_worker_while_prepared_is_quarantined(
+        ing: Ingestor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every start is counted before the mail is parsed and its sender's evidence looked up,
+    and checked before that work begins: a mail that kills its worker there (a parser or DKIM
+    crash, a time limit) is quarantined on its start after ``max_attempts``, not parsed again."""
+    import ingest.pipeline as pipeline
+
+    inbound_id = ing.receive(mail(), 1, door="smtp")
+    prepared: list[int] = []
+
+    def dies(*_args: object) -> object:
+        prepared.append(inbound_id)
+        raise _WorkerDied
+
+    monkeypatch.setattr(pipeline, "prepare_delivery", dies)
+    max_attempts = ing.settings.worker.max_attempts
+    for _delivery in range(max_attempts):
+        with pytest.raises(_WorkerDied):
+            ing.process(inbound_id)
+    info = ing.process(inbound_id)
+    assert info.Action == "quarantined" and "worker died or hung" in (info.Reason or "")
+    assert len(prepared) == max_attempts
 
 
 def test_concurrent_deliveries_of_one_mail_make_one_ticket(ing: Ingestor) -> None:

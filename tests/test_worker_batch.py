@@ -233,6 +233,28 @@ def test_the_deadline_leaves_the_rest_for_another_task(ing: Ingestor) -> None:
     assert [records(ing, ids)[i][:2] for i in ids] == [("received", 1), ("received", 1)]
 
 
+def test_a_batch_begins_no_preparation_after_the_deadline(
+        ing: Ingestor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch's mails are prepared (parsed, their senders' DNS looked up) before its
+    transaction, one after the other; a name server that does not answer can cost each of them
+    seconds.  None is begun after the task's deadline: the rest are handed back uncounted."""
+    ids = spool(ing, *(mail(f"Slow {n}", message_id=f"slow{n}@x") for n in range(3)))
+    deadline = time.monotonic() + 1.0
+    real_prepare = pipeline.prepare_delivery
+
+    def slow_prepare(*args: object) -> object:
+        time.sleep(max(0.0, deadline - time.monotonic()) + 0.01)  # as a name server timing out
+        return real_prepare(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pipeline, "prepare_delivery", slow_prepare)
+    results = ing.process_many(ids, deadline=deadline)
+    assert [info.Action for info in results.infos.values()] == ["created"]
+    assert results.left == ids[1:]
+    state = records(ing, ids)
+    assert state[ids[0]][:2] == ("created", 1)
+    assert [state[i][:2] for i in ids[1:]] == [("received", 0), ("received", 0)]
+
+
 def test_a_person_another_transaction_creates_meanwhile_is_taken_not_fatal(
         fresh_postgres_url: str, tmp_path: Path) -> None:
     """Two workers' batches meet the same new sender: the second insert waits for the first
