@@ -325,8 +325,7 @@ def process_inbound_many(ingestor: Ingestor, inbound_ids: Sequence[int],
                          deadline: float | None = None, parent_wait: float = 0.0
                          ) -> SpooledResults:
     """:func:`process_inbound` for several spooled records (one worker task), with one
-    transaction and one commit for those never started before (on PostgreSQL, see
-    :func:`_batches`).
+    transaction and one commit for those never started before (see :func:`_batches`).
 
     Poison mail stays isolated: a record whose processing was started before (a worker died
     on it or on its task) goes the one-by-one path, as does a mail over
@@ -335,8 +334,9 @@ def process_inbound_many(ingestor: Ingestor, inbound_ids: Sequence[int],
     fails, it is rolled back, the starts are taken back, and every record goes the one-by-one
     path, which quarantines the mail at fault.  A worker that dies in the batch leaves every
     record of it started once, so the redelivered task takes them one by one.  A parent
-    earlier in the same batch counts as processed.  One by one, no record is begun after
-    ``deadline`` (``time.monotonic()``): those are returned in ``left``.
+    earlier in the same batch counts as processed.  No record is begun after ``deadline``
+    (``time.monotonic()``), neither its preparation in the batch nor its processing one by
+    one: those are returned in ``left``, their starts not counted.
 
     A reply whose parent is spooled but unprocessed is deferred (not counted as an attempt)
     while the others go on.  Its parent is nearly always in another worker's batch, committed
@@ -387,7 +387,8 @@ def _wait_for_parents(ingestor: Ingestor, parent_ids: set[int], give_up: float) 
 def _process_spooled(ingestor: Ingestor, inbound_ids: Sequence[int], deadline: float | None
                      ) -> SpooledResults:
     """One pass of :func:`process_inbound_many`: the fresh records as a batch, then the rest
-    (and everything, if the batch failed) one by one."""
+    (those the batch did not begin before the deadline, and everything if it failed) one by
+    one."""
     results = SpooledResults()
     if _batches(ingestor, inbound_ids):
         _run_batch(ingestor, inbound_ids, deadline, results)
@@ -409,9 +410,14 @@ def _process_spooled(ingestor: Ingestor, inbound_ids: Sequence[int], deadline: f
 
 def _run_batch(ingestor: Ingestor, inbound_ids: Sequence[int], deadline: float | None,
                results: SpooledResults) -> None:
-    """The fresh records among ``inbound_ids`` as one batch, into ``results``; what it leaves
-    (prepared after ``deadline``, or all of them if the batch failed) is left to the caller's
-    one-by-one pass, from the records' unchanged state."""
+    """The fresh records among ``inbound_ids`` as one batch, into ``results``.  What it leaves
+    goes to the caller's one-by-one pass: the mails whose preparation was not begun before
+    ``deadline``, their starts taken back; all of them if the batch failed, their starts taken
+    back too, unless the deadline has passed: the task then hands them back, and as started
+    records the next task runs them one by one, which isolates a poison mail instead of
+    failing the same batch again."""
+    if deadline is not None and time.monotonic() > deadline:
+        return  # nothing to begin: the one-by-one pass hands every mail back
     started = _start_fresh(ingestor, inbound_ids)
     if not started:
         return
@@ -432,7 +438,8 @@ def _run_batch(ingestor: Ingestor, inbound_ids: Sequence[int], deadline: float |
     except Exception as exc:  # one by one, from the records' unchanged state
         log.info("batch of %d spooled mails failed (%s: %s); one by one",
                  len(fresh), type(exc).__name__, exc)
-        _forget_attempts(ingestor, fresh)
+        if deadline is None or time.monotonic() <= deadline:
+            _forget_attempts(ingestor, fresh)
         results.infos.clear()
         results.deferred.clear()
         results.parents.clear()
@@ -559,10 +566,14 @@ def _start_fresh(ingestor: Ingestor, inbound_ids: Sequence[int]) -> list[Inbound
 
 
 def _forget_attempts(ingestor: Ingestor, inbound_ids: Sequence[int]) -> None:
-    """Take back counted starts that did not fail: a deferral, a batch rolled back."""
+    """Take back counted starts that did not fail: a deferral, a batch rolled back, a batch's
+    mails not begun before the deadline."""
     with ingestor.sessions() as session:
-        session.connection().execute(_FORGET_ATTEMPTS, {"ids": list(inbound_ids)})
-        session.commit()
+        try:
+            session.connection().execute(_FORGET_ATTEMPTS, {"ids": list(inbound_ids)})
+            session.commit()
+        except OperationalError as exc:  # the task is retried; the starts stay counted
+            raise TransientError(f"database unavailable: {exc.orig}") from exc
 
 
 def _process_spooled_batch(ingestor: Ingestor, ahead: Ahead, results: SpooledResults) -> None:

@@ -131,7 +131,7 @@ def add_evidence(mail: ParsedMail, inbound: InboundMail, raw: bytes, settings: S
                                               inbound, raw, mail.message)
     except Exception as exc:  # the step works it out again and records what it meets
         log.warning("inbound %s: sender evidence failed ahead of the transaction: %s: %s",
-                    inbound.id, type(exc).__name__, exc)
+                    inbound.id or f"sha256:{inbound.sha256}", type(exc).__name__, exc)
 
 
 def prepare_mail(raw: bytes, max_bytes: int) -> ParsedMail | None:

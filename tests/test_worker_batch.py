@@ -1,8 +1,8 @@
 """A worker task's ids in one transaction (``pipeline.process_inbound_many``): same results as
 one by one, poison mail isolated, a failed batch redone one by one, replies that wait for a
-parent outside the batch deferred without counting an attempt.  The batch is PostgreSQL's
-(``pipeline._batches``); on SQLite the same calls run one by one, and the same assertions hold,
-which is what the SQLite half of each test checks."""
+parent outside the batch deferred without counting an attempt.  Each test runs on SQLite and
+on PostgreSQL; ``max_attempts = 1`` turns batches off (``pipeline._batches``) where a test
+compares with one by one."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, event, select, text, update
@@ -237,22 +239,50 @@ def test_a_batch_begins_no_preparation_after_the_deadline(
         ing: Ingestor, monkeypatch: pytest.MonkeyPatch) -> None:
     """A batch's mails are prepared (parsed, their senders' DNS looked up) before its
     transaction, one after the other; a name server that does not answer can cost each of them
-    seconds.  None is begun after the task's deadline: the rest are handed back uncounted."""
+    seconds.  None is begun after the task's deadline: the rest are handed back uncounted.
+    (The pipeline's clock is the test's: each preparation takes ten of its seconds.)"""
     ids = spool(ing, *(mail(f"Slow {n}", message_id=f"slow{n}@x") for n in range(3)))
-    deadline = time.monotonic() + 1.0
+    clock = [0.0]
+    monkeypatch.setattr(pipeline, "time", SimpleNamespace(monotonic=lambda: clock[0],
+                                                          sleep=time.sleep))
     real_prepare = pipeline.prepare_delivery
 
-    def slow_prepare(*args: object) -> object:
-        time.sleep(max(0.0, deadline - time.monotonic()) + 0.01)  # as a name server timing out
-        return real_prepare(*args)  # type: ignore[arg-type]
+    def slow_prepare(*args: Any) -> object:
+        clock[0] += 10.0  # as a name server timing out
+        return real_prepare(*args)
 
     monkeypatch.setattr(pipeline, "prepare_delivery", slow_prepare)
-    results = ing.process_many(ids, deadline=deadline)
+    results = ing.process_many(ids, deadline=5.0)
     assert [info.Action for info in results.infos.values()] == ["created"]
     assert results.left == ids[1:]
     state = records(ing, ids)
     assert state[ids[0]][:2] == ("created", 1)
     assert [state[i][:2] for i in ids[1:]] == [("received", 0), ("received", 0)]
+
+
+def test_a_batch_that_fails_past_the_deadline_leaves_its_mails_started(
+        ing: Ingestor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch that fails once the deadline has passed hands its mails back with their starts
+    counted: the next task runs them one by one, which isolates the mail at fault, instead of
+    preparing and failing the same batch again (and again, if preparing takes the deadline)."""
+    ids = spool(ing, *(mail(f"Late {n}", message_id=f"late{n}@x") for n in range(2)))
+    clock = [0.0]
+    monkeypatch.setattr(pipeline, "time", SimpleNamespace(monotonic=lambda: clock[0],
+                                                          sleep=time.sleep))
+    real_prepare = pipeline.prepare_delivery
+
+    def slow_prepare(*args: Any) -> object:
+        clock[0] += 3.0  # both begun before the deadline, which has passed after the second
+        return real_prepare(*args)
+
+    def failing_write(*_args: Any) -> None:
+        raise RuntimeError("a mail the batch cannot write")
+
+    monkeypatch.setattr(pipeline, "prepare_delivery", slow_prepare)
+    monkeypatch.setattr(pipeline, "_write_batch", failing_write)
+    results = ing.process_many(ids, deadline=5.0)
+    assert results.infos == {} and results.left == ids
+    assert [records(ing, ids)[i][:2] for i in ids] == [("received", 1), ("received", 1)]
 
 
 def test_a_person_another_transaction_creates_meanwhile_is_taken_not_fatal(

@@ -212,7 +212,7 @@ def process_inbound(self: Any, inbound_ids: int | list[int]) -> dict[str, Any] |
         results = runtime.ingestor().process_many(ids, deadline, worker.parent_wait_in_task)
     except TransientError as exc:  # database down: the whole task again (done ids are no-ops)
         _retry(self, ids, exc)
-    except OperationalError as exc:  # the Ingestor could not be built: the database, again
+    except OperationalError as exc:  # the Ingestor could not be built (database): again
         _retry(self, ids, TransientError(f"database unavailable: {exc.orig}"))
     for inbound_id in results.missing:
         log.error("inbound %s does not exist; dropping it", inbound_id,
