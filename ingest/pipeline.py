@@ -37,7 +37,7 @@ from ingest.context import BatchState, Claim, MailContext, Outcome, Trace
 from ingest.errors import AttemptsExhausted, InboundNotFound, ParentPending, TransientError
 from ingest.models import FINAL_STATES, InboundMail, utcnow
 from ingest.parse import ParsedMail
-from ingest.prepare import add_evidence, prepare_delivery
+from ingest.prepare import add_evidence_many, prepare_delivery, prepare_mail
 from ingest.reply import visible_reply
 from ingest.steps.authenticate import authenticate
 from ingest.steps.automail import stop_unreferenced_automatic_mail
@@ -450,14 +450,19 @@ Ahead = dict[int, tuple[bytes, ParsedMail | None]]  # inbound id -> (bytes, prep
 
 def _prepare_ahead(ingestor: Ingestor, started: list[InboundMail], deadline: float | None
                    ) -> Ahead:
-    """A batch's mails prepared before its transaction (:func:`prepare_delivery`), in id
-    order; none begun after ``deadline``: a name server that does not answer can cost a mail
-    seconds of timeouts, and the task must hand back in time what it has not begun."""
+    """A batch's mails prepared before its transaction (as :func:`prepare_delivery` does for
+    one): parsed in id order, none begun after ``deadline``, so that the task hands back in
+    time what it has not begun; then the sender evidence of those parsed, their DNS look-ups
+    side by side (:func:`~ingest.prepare.add_evidence_many`)."""
+    settings = ingestor.settings
     ahead: Ahead = {}
     for record in started:
         if deadline is not None and time.monotonic() > deadline:
             break
-        ahead[record.id] = (record.raw, prepare_delivery(record, record.raw, ingestor.settings))
+        ahead[record.id] = (record.raw, prepare_mail(record.raw,
+                                                     settings.service.max_message_bytes))
+    add_evidence_many([(mail, record, record.raw) for record in started
+                       if (mail := ahead.get(record.id, (b"", None))[1]) is not None], settings)
     return ahead
 
 
@@ -666,12 +671,12 @@ def process_new_batch(ingestor: Ingestor, inbounds: Sequence[InboundMail],
     """
     raws = [inbound.raw for inbound in inbounds]
     parsed = list(prepared) if prepared is not None else [None] * len(raws)
-    for index, (inbound, raw) in enumerate(zip(inbounds, raws, strict=True)):
-        mail = parsed[index]  # worked out before the transaction, see prepare_delivery
-        if mail is None:
-            parsed[index] = prepare_delivery(inbound, raw, ingestor.settings)
-        else:
-            add_evidence(mail, inbound, raw, ingestor.settings)
+    max_bytes = ingestor.settings.service.max_message_bytes
+    parsed = [mail if mail is not None else prepare_mail(raw, max_bytes)  # before the transaction
+              for mail, raw in zip(parsed, raws, strict=True)]
+    add_evidence_many([(mail, inbound, raw) for mail, inbound, raw
+                       in zip(parsed, inbounds, raws, strict=True) if mail is not None],
+                      ingestor.settings)
     infos: list[TicketInfo] = []
     with ingestor.sessions() as session:
         try:

@@ -32,8 +32,8 @@ import os
 import pickle
 import sys
 from collections import deque
-from collections.abc import Iterable, Iterator
-from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import CancelledError, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
@@ -43,7 +43,7 @@ from ingest.config import Settings
 from ingest.models import InboundMail
 from ingest.parse import ParsedMail, parse_mail
 from ingest.reply import visible_reply
-from ingest.steps.authenticate import sender_evidence
+from ingest.steps.authenticate import checked_here, sender_evidence
 from ingest.steps.classify import classify_mail
 
 log = logging.getLogger("ticketgate.prepare")
@@ -132,6 +132,28 @@ def add_evidence(mail: ParsedMail, inbound: InboundMail, raw: bytes, settings: S
     except Exception as exc:  # the step works it out again and records what it meets
         log.warning("inbound %s: sender evidence failed ahead of the transaction: %s: %s",
                     inbound.id or f"sha256:{inbound.sha256}", type(exc).__name__, exc)
+
+
+# A batch's own SPF, DKIM and DMARC checks at once: they wait on name servers, not on the CPU,
+# so sixteen new senders' look-ups take about as long as one sender's.
+EVIDENCE_THREADS = 8
+
+
+def add_evidence_many(deliveries: Sequence[tuple[ParsedMail, InboundMail, bytes]],
+                      settings: Settings) -> None:
+    """:func:`add_evidence` for a batch's mails.  Those ticketgate checks itself (SMTP from
+    outside ``trusted_relays``: SPF, DKIM and DMARC, each a few DNS round trips, seconds when a
+    name server is slow) run side by side in threads; the rest (an upstream server's
+    Authentication-Results, mostly answered from the resolver's cache) one after the other."""
+    own = [d for d in deliveries if checked_here(settings.authentication, d[1])]
+    for mail, inbound, raw in deliveries:
+        if len(own) < 2 or not checked_here(settings.authentication, inbound):
+            add_evidence(mail, inbound, raw, settings)
+    if len(own) >= 2:
+        with ThreadPoolExecutor(min(EVIDENCE_THREADS, len(own)),
+                                thread_name_prefix="evidence") as pool:
+            for _done in pool.map(lambda d: add_evidence(*d, settings), own):
+                pass
 
 
 def prepare_mail(raw: bytes, max_bytes: int) -> ParsedMail | None:

@@ -55,14 +55,17 @@ class Zone(BaseResolver):  # type: ignore[misc]
 
 class HeldZone(Zone):
     """A name server that is slow to answer: every query waits until the test releases it.
-    ``asked`` is set when the first query arrives."""
+    ``asked`` is set when the first query arrives; ``waiting`` names every query that has."""
 
     def __init__(self) -> None:
         super().__init__()
         self.asked = threading.Event()
         self.released = threading.Event()
+        self.waiting: list[str] = []
 
     def resolve(self, request: Any, handler: Any) -> Any:
+        with self.lock:
+            self.waiting.append(str(request.q.qname).lower().rstrip("."))
         self.asked.set()
         self.released.wait(60)
         return super().resolve(request, handler)
@@ -75,14 +78,18 @@ class LoopbackDns:
         self.zone = zone or Zone()
         logger = DNSLogger(log="-request,-reply,-truncated,-error,-recv,-send,-data",
                            prefix=False)
-        for _attempt in range(20):
-            port = _free_udp_and_tcp_port()
+        for _attempt in range(20):  # a port free for UDP may be taken for TCP, or taken meanwhile
+            udp = None
             try:
-                self.udp = DNSServer(self.zone, address="127.0.0.1", port=port, logger=logger)
+                port = _free_udp_and_tcp_port()
+                udp = DNSServer(self.zone, address="127.0.0.1", port=port, logger=logger)
                 self.tcp = DNSServer(self.zone, address="127.0.0.1", port=port, tcp=True,
                                      logger=logger)
             except OSError:
+                if udp is not None:
+                    udp.server.server_close()
                 continue
+            self.udp = udp
             self.port = port
             break
         else:  # pragma: no cover

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import textwrap
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email import message_from_bytes
@@ -555,6 +556,40 @@ def test_slow_dns_holds_up_only_its_own_mail(make_ingestor: Callable[..., Ingest
         worker.join(60)
         assert results and len(results[0].infos) == together
         assert {info.Action for info in results[0].infos.values()} == {"created"}
+    finally:
+        held.zone.released.set()
+        held.stop()
+
+
+def test_a_batch_looks_its_senders_up_side_by_side(make: Callable[..., Ingestor]) -> None:
+    """A worker batch's own SPF, DKIM and DMARC checks wait on name servers, so they run at
+    once: while the server holds its first answer, the other senders' look-ups already reach
+    it (one after the other, a batch of 16 new senders took 16 times one sender's time)."""
+    held = LoopbackDns(HeldZone())
+    try:
+        ing = make(port=held.port, timeout=30.0)
+        domains = ["first.test", "second.test", "third.test"]
+        ids = [ing.receive(mail(sender=f"Customer <customer@{domain}>"), 1, door="smtp",
+                           source="smtp:192.0.2.10",
+                           envelope=Envelope(mail_from=f"customer@{domain}",
+                                             rcpt_to=["support@example.com"],
+                                             client_ip="192.0.2.10", helo=f"mail.{domain}"))
+               for domain in domains]
+        results: list[SpooledResults] = []
+        worker = threading.Thread(target=lambda: results.append(ing.process_many(ids)))
+        worker.start()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with held.zone.lock:
+                asked = set(held.zone.waiting)
+            if set(domains) <= asked:
+                break
+            time.sleep(0.01)
+        assert set(domains) <= asked, f"looked up one after the other: {sorted(asked)}"
+        held.zone.released.set()
+        worker.join(60)
+        assert results and {i.Action for i in results[0].infos.values()} == {"created"}
+        assert len(results[0].infos) == len(domains)
     finally:
         held.zone.released.set()
         held.stop()

@@ -7,7 +7,6 @@ import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -450,17 +449,19 @@ def test_spooled_mail_is_parsed_outside_its_transaction(
     a parse inside held the one write lock, and the listener's spool writes waited; on
     PostgreSQL it held the rows, claim locks and a pooled connection."""
     import ingest.pipeline as pipeline
+    import ingest.prepare as prepare
 
     ids = [ing.receive(mail(subject=f"Printer {n}", message_id=f"m{n}@techcorp.com"), 1,
                        door="smtp") for n in range(together)]
     held_during_parse: list[bool] = []
-    real_prepare = pipeline.prepare_delivery
+    real_parse = prepare.prepare_mail
 
-    def prepare_watched(record: InboundMail, raw: bytes, settings: Any, *more: Any) -> object:
+    def parse_watched(raw: bytes, max_bytes: int) -> object:
         held_during_parse.append(database_held(ing))
-        return real_prepare(record, raw, settings, *more)
+        return real_parse(raw, max_bytes)
 
-    monkeypatch.setattr(pipeline, "prepare_delivery", prepare_watched)
+    monkeypatch.setattr(prepare, "prepare_mail", parse_watched)  # a mail alone
+    monkeypatch.setattr(pipeline, "prepare_mail", parse_watched)  # a batch
     results = ing.process_many(ids)
     assert sorted(info.Action for info in results.infos.values()) == ["created"] * together
     assert held_during_parse == [False] * together

@@ -237,21 +237,21 @@ def test_the_deadline_leaves_the_rest_for_another_task(ing: Ingestor) -> None:
 
 def test_a_batch_begins_no_preparation_after_the_deadline(
         ing: Ingestor, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A batch's mails are prepared (parsed, their senders' DNS looked up) before its
-    transaction, one after the other; a name server that does not answer can cost each of them
-    seconds.  None is begun after the task's deadline: the rest are handed back uncounted.
-    (The pipeline's clock is the test's: each preparation takes ten of its seconds.)"""
+    """A batch's mails are parsed before its transaction, one after the other (a huge mail
+    takes seconds), then their senders' DNS is looked up side by side.  No parse is begun after
+    the task's deadline: the rest are handed back uncounted.  (The pipeline's clock is the
+    test's: each parse takes ten of its seconds.)"""
     ids = spool(ing, *(mail(f"Slow {n}", message_id=f"slow{n}@x") for n in range(3)))
     clock = [0.0]
     monkeypatch.setattr(pipeline, "time", SimpleNamespace(monotonic=lambda: clock[0],
                                                           sleep=time.sleep))
-    real_prepare = pipeline.prepare_delivery
+    real_prepare = pipeline.prepare_mail
 
     def slow_prepare(*args: Any) -> object:
-        clock[0] += 10.0  # as a name server timing out
+        clock[0] += 10.0  # as a huge mail's parse
         return real_prepare(*args)
 
-    monkeypatch.setattr(pipeline, "prepare_delivery", slow_prepare)
+    monkeypatch.setattr(pipeline, "prepare_mail", slow_prepare)
     results = ing.process_many(ids, deadline=5.0)
     assert [info.Action for info in results.infos.values()] == ["created"]
     assert results.left == ids[1:]
@@ -269,7 +269,7 @@ def test_a_batch_that_fails_past_the_deadline_leaves_its_mails_started(
     clock = [0.0]
     monkeypatch.setattr(pipeline, "time", SimpleNamespace(monotonic=lambda: clock[0],
                                                           sleep=time.sleep))
-    real_prepare = pipeline.prepare_delivery
+    real_prepare = pipeline.prepare_mail
 
     def slow_prepare(*args: Any) -> object:
         clock[0] += 3.0  # both begun before the deadline, which has passed after the second
@@ -278,7 +278,7 @@ def test_a_batch_that_fails_past_the_deadline_leaves_its_mails_started(
     def failing_write(*_args: Any) -> None:
         raise RuntimeError("a mail the batch cannot write")
 
-    monkeypatch.setattr(pipeline, "prepare_delivery", slow_prepare)
+    monkeypatch.setattr(pipeline, "prepare_mail", slow_prepare)
     monkeypatch.setattr(pipeline, "_write_batch", failing_write)
     results = ing.process_many(ids, deadline=5.0)
     assert results.infos == {} and results.left == ids

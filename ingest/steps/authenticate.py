@@ -29,11 +29,18 @@ from ingest.authentication import (
     lookup_for,
     trusted_results,
 )
-from ingest.config import Mailbox, Settings
+from ingest.config import AuthenticationSection, Mailbox, Settings
 from ingest.context import MailContext, Outcome
 from ingest.models import InboundMail
 
 DMARC_HOLD = "DMARC policy"  # the quarantine reason's prefix; a replay of it is a release
+
+
+def checked_here(section: AuthenticationSection, inbound: InboundMail) -> bool:
+    """Whether ticketgate checks SPF, DKIM and DMARC itself, with DNS look-ups: mail its SMTP
+    listener took from a client outside ``trusted_relays``."""
+    return bool(inbound.door == "smtp" and inbound.client_ip and section.check_smtp
+                and not in_networks(inbound.client_ip, section.trusted_relays))
 
 
 def sender_evidence(settings: Settings, mailbox: Mailbox, inbound: InboundMail, raw: bytes,
@@ -45,9 +52,7 @@ def sender_evidence(settings: Settings, mailbox: Mailbox, inbound: InboundMail, 
     not SQLite's one write lock (which the listener's spool writes wait for) or PostgreSQL rows
     and a pooled connection."""
     section = settings.authentication
-    if inbound.door == "smtp" and inbound.client_ip and section.check_smtp and not in_networks(
-        inbound.client_ip, section.trusted_relays
-    ):
+    if checked_here(section, inbound):
         return authenticate_smtp(lookup_for(section), raw, message, inbound.client_ip,
                                  inbound.helo, inbound.envelope_from,
                                  section.max_dkim_signatures)
