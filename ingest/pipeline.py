@@ -424,7 +424,6 @@ def _run_batch(ingestor: Ingestor, inbound_ids: Sequence[int], deadline: float |
     ahead = _prepare_ahead(ingestor, started, deadline)
     fresh = list(ahead)
     unbegun = [record.id for record in started if record.id not in ahead]
-    del started  # the bytes the batch needs are in ``ahead``
     if unbegun:  # past the deadline: handed back, uncounted, by the one-by-one pass
         _forget_attempts(ingestor, unbegun)
     if not ahead:
@@ -456,13 +455,15 @@ def _prepare_ahead(ingestor: Ingestor, started: list[InboundMail], deadline: flo
     side by side (:func:`~ingest.prepare.add_evidence_many`)."""
     settings = ingestor.settings
     ahead: Ahead = {}
+    parsed: list[tuple[ParsedMail, InboundMail, bytes]] = []
     for record in started:
         if deadline is not None and time.monotonic() > deadline:
             break
-        ahead[record.id] = (record.raw, prepare_mail(record.raw,
-                                                     settings.service.max_message_bytes))
-    add_evidence_many([(mail, record, record.raw) for record in started
-                       if (mail := ahead.get(record.id, (b"", None))[1]) is not None], settings)
+        mail = prepare_mail(record.raw, settings.service.max_message_bytes)
+        ahead[record.id] = (record.raw, mail)
+        if mail is not None:
+            parsed.append((mail, record, record.raw))
+    add_evidence_many(parsed, settings)
     return ahead
 
 

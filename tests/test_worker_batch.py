@@ -235,6 +235,22 @@ def test_the_deadline_leaves_the_rest_for_another_task(ing: Ingestor) -> None:
     assert [records(ing, ids)[i][:2] for i in ids] == [("received", 1), ("received", 1)]
 
 
+def each_parse_takes(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """The pipeline's clock becomes the test's, starting at 0, and each parse of a batch takes
+    ``seconds`` of it: deadlines are met or missed by construction, however loaded the
+    machine."""
+    clock = [0.0]
+    monkeypatch.setattr(pipeline, "time", SimpleNamespace(monotonic=lambda: clock[0],
+                                                          sleep=time.sleep))
+    real_parse = pipeline.prepare_mail
+
+    def slow_parse(*args: Any) -> object:
+        clock[0] += seconds
+        return real_parse(*args)
+
+    monkeypatch.setattr(pipeline, "prepare_mail", slow_parse)
+
+
 def test_a_batch_begins_no_preparation_after_the_deadline(
         ing: Ingestor, monkeypatch: pytest.MonkeyPatch) -> None:
     """A batch's mails are parsed before its transaction, one after the other (a huge mail
@@ -242,16 +258,7 @@ def test_a_batch_begins_no_preparation_after_the_deadline(
     the task's deadline: the rest are handed back uncounted.  (The pipeline's clock is the
     test's: each parse takes ten of its seconds.)"""
     ids = spool(ing, *(mail(f"Slow {n}", message_id=f"slow{n}@x") for n in range(3)))
-    clock = [0.0]
-    monkeypatch.setattr(pipeline, "time", SimpleNamespace(monotonic=lambda: clock[0],
-                                                          sleep=time.sleep))
-    real_prepare = pipeline.prepare_mail
-
-    def slow_prepare(*args: Any) -> object:
-        clock[0] += 10.0  # as a huge mail's parse
-        return real_prepare(*args)
-
-    monkeypatch.setattr(pipeline, "prepare_mail", slow_prepare)
+    each_parse_takes(monkeypatch, 10.0)  # as a huge mail's
     results = ing.process_many(ids, deadline=5.0)
     assert [info.Action for info in results.infos.values()] == ["created"]
     assert results.left == ids[1:]
@@ -266,19 +273,11 @@ def test_a_batch_that_fails_past_the_deadline_leaves_its_mails_started(
     counted: the next task runs them one by one, which isolates the mail at fault, instead of
     preparing and failing the same batch again (and again, if preparing takes the deadline)."""
     ids = spool(ing, *(mail(f"Late {n}", message_id=f"late{n}@x") for n in range(2)))
-    clock = [0.0]
-    monkeypatch.setattr(pipeline, "time", SimpleNamespace(monotonic=lambda: clock[0],
-                                                          sleep=time.sleep))
-    real_prepare = pipeline.prepare_mail
-
-    def slow_prepare(*args: Any) -> object:
-        clock[0] += 3.0  # both begun before the deadline, which has passed after the second
-        return real_prepare(*args)
+    each_parse_takes(monkeypatch, 3.0)  # both begun before the deadline, past after the second
 
     def failing_write(*_args: Any) -> None:
         raise RuntimeError("a mail the batch cannot write")
 
-    monkeypatch.setattr(pipeline, "prepare_mail", slow_prepare)
     monkeypatch.setattr(pipeline, "_write_batch", failing_write)
     results = ing.process_many(ids, deadline=5.0)
     assert results.infos == {} and results.left == ids
