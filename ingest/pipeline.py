@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from ingest import spool
+from ingest.authentication import SenderAuthentication
 from ingest.config import Settings
 from ingest.context import BatchState, Claim, MailContext, Outcome, Trace
 from ingest.errors import AttemptsExhausted, InboundNotFound, ParentPending, TransientError
@@ -251,8 +252,10 @@ def _locked_record(session: Session, inbound_id: int, raw: bytes | None) -> Inbo
     return InboundMail(**row._mapping, raw=raw) if row is not None else None
 
 
-def process_inbound(ingestor: Ingestor, inbound_id: int) -> TicketInfo:
-    """Process a spooled record (SMTP, IMAP, worker and sweep path).  Idempotent."""
+def process_inbound(ingestor: Ingestor, inbound_id: int,
+                    evidence: SenderAuthentication | None = None) -> TicketInfo:
+    """Process a spooled record (SMTP, IMAP, worker and sweep path).  Idempotent.
+    ``evidence``: its sender evidence, when a batch that failed worked it out already."""
     start = _start_attempt(ingestor, inbound_id)
     max_attempts = ingestor.settings.worker.max_attempts
     if start is not None and start.attempts > max_attempts:
@@ -266,7 +269,7 @@ def process_inbound(ingestor: Ingestor, inbound_id: int) -> TicketInfo:
     for _race in range(MAX_KEY_RACES):
         if start is not None:  # afresh on a retry: the last run's steps may have changed it
             prepared = prepare_delivery(start.record, start.record.raw, ingestor.settings,
-                                        prepared.authentication if prepared else None)
+                                        prepared.authentication if prepared else evidence)
         with ingestor.sessions() as session:
             try:
                 inbound = _locked_record(session, inbound_id, raw)
@@ -390,8 +393,9 @@ def _process_spooled(ingestor: Ingestor, inbound_ids: Sequence[int], deadline: f
     (those the batch did not begin before the deadline, and everything if it failed) one by
     one."""
     results = SpooledResults()
+    evidence: Evidence = {}
     if _batches(ingestor, inbound_ids):
-        _run_batch(ingestor, inbound_ids, deadline, results)
+        evidence = _run_batch(ingestor, inbound_ids, deadline, results)
     for position, inbound_id in enumerate(inbound_ids):
         if inbound_id in results.infos or inbound_id in results.deferred:
             continue
@@ -400,7 +404,8 @@ def _process_spooled(ingestor: Ingestor, inbound_ids: Sequence[int], deadline: f
                             if i not in results.infos and i not in results.deferred]
             break
         try:
-            results.infos[inbound_id] = process_inbound(ingestor, inbound_id)
+            results.infos[inbound_id] = process_inbound(ingestor, inbound_id,
+                                                        evidence.get(inbound_id))
         except ParentPending as pending:
             results.defer(inbound_id, pending)
         except InboundNotFound:
@@ -408,26 +413,30 @@ def _process_spooled(ingestor: Ingestor, inbound_ids: Sequence[int], deadline: f
     return results
 
 
+Evidence = dict[int, SenderAuthentication]  # inbound id -> its sender evidence, worked out
+
+
 def _run_batch(ingestor: Ingestor, inbound_ids: Sequence[int], deadline: float | None,
-               results: SpooledResults) -> None:
+               results: SpooledResults) -> Evidence:
     """The fresh records among ``inbound_ids`` as one batch, into ``results``.  What it leaves
     goes to the caller's one-by-one pass: the mails whose preparation was not begun before
     ``deadline``, their starts taken back; all of them if the batch failed, their starts taken
     back too, unless the deadline has passed: the task then hands them back, and as started
     records the next task runs them one by one, which isolates a poison mail instead of
-    failing the same batch again."""
+    failing the same batch again.  Returns the evidence of a failed batch's mails, for the
+    one-by-one pass to reuse: a resolver caches answers, not a silent name server's timeouts."""
     if deadline is not None and time.monotonic() > deadline:
-        return  # nothing to begin: the one-by-one pass hands every mail back
+        return {}  # nothing to begin: the one-by-one pass hands every mail back
     started = _start_fresh(ingestor, inbound_ids)
     if not started:
-        return
+        return {}
     ahead = _prepare_ahead(ingestor, started, deadline)
     fresh = list(ahead)
     unbegun = [record.id for record in started if record.id not in ahead]
     if unbegun:  # past the deadline: handed back, uncounted, by the one-by-one pass
         _forget_attempts(ingestor, unbegun)
     if not ahead:
-        return
+        return {}
     try:
         _process_spooled_batch(ingestor, ahead, results)
     except TransientError:
@@ -442,6 +451,9 @@ def _run_batch(ingestor: Ingestor, inbound_ids: Sequence[int], deadline: float |
         results.infos.clear()
         results.deferred.clear()
         results.parents.clear()
+        return {inbound_id: mail.authentication for inbound_id, (_raw, mail) in ahead.items()
+                if mail is not None and mail.authentication is not None}
+    return {}
 
 
 Ahead = dict[int, tuple[bytes, ParsedMail | None]]  # inbound id -> (bytes, prepared mail)

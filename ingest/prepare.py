@@ -38,7 +38,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 from ingest import spool
-from ingest.authentication import SenderAuthentication
+from ingest.authentication import SenderAuthentication, lookup_for, organizational_domain
 from ingest.config import Settings
 from ingest.models import InboundMail
 from ingest.parse import ParsedMail, parse_mail
@@ -131,7 +131,8 @@ def add_evidence(mail: ParsedMail, inbound: InboundMail, raw: bytes, settings: S
                                               inbound, raw, mail.message)
     except Exception as exc:  # the step works it out again and records what it meets
         log.warning("inbound %s: sender evidence failed ahead of the transaction: %s: %s",
-                    inbound.id or f"sha256:{inbound.sha256}", type(exc).__name__, exc)
+                    inbound.id or f"sha256:{inbound.sha256}", type(exc).__name__, exc,
+                    exc_info=True)
 
 
 # A batch's own SPF, DKIM and DMARC checks at once: they wait on name servers, not on the CPU,
@@ -149,11 +150,21 @@ def add_evidence_many(deliveries: Sequence[tuple[ParsedMail, InboundMail, bytes]
     for mail, inbound, raw in deliveries:
         if len(own) < 2 or not checked_here(settings.authentication, inbound):
             add_evidence(mail, inbound, raw, settings)
-    if len(own) >= 2:
+    if len(own) < 2:
+        return
+    # Built once before the threads (each cache would otherwise be built by several of them).
+    lookup_for(settings.authentication)
+    organizational_domain("example.com")
+    try:
         with ThreadPoolExecutor(min(EVIDENCE_THREADS, len(own)),
                                 thread_name_prefix="evidence") as pool:
             for _done in pool.map(lambda d: add_evidence(*d, settings), own):
                 pass
+    except RuntimeError as exc:  # no thread could be started (a process limit): one by one
+        log.warning("sender evidence side by side failed (%s); one after the other", exc)
+        for mail, inbound, raw in own:
+            if mail.authentication is None:
+                add_evidence(mail, inbound, raw, settings)
 
 
 def prepare_mail(raw: bytes, max_bytes: int) -> ParsedMail | None:

@@ -593,3 +593,36 @@ def test_a_batch_looks_its_senders_up_side_by_side(make: Callable[..., Ingestor]
     finally:
         held.zone.released.set()
         held.stop()
+
+
+def test_a_failed_batch_hands_its_evidence_to_the_mails_run_alone(
+        ing: Ingestor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch that fails is redone one by one; its mails' sender evidence is not looked up
+    again (a resolver caches answers, not a silent name server's timeouts)."""
+    import ingest.pipeline as pipeline
+    import ingest.prepare as prepare
+    import ingest.steps.authenticate as step
+
+    envelope = Envelope(mail_from="michael@good.test", rcpt_to=["support@example.com"],
+                        client_ip="192.0.2.10", helo="mail.good.test")
+    ids = [ing.receive(mail(sender="Michael <michael@good.test>"), 1, door="smtp",
+                       source="smtp:192.0.2.10", envelope=envelope) for _ in range(2)]
+    looked_up: list[int | None] = []
+    real_evidence = step.sender_evidence
+
+    def counted(settings: Any, mailbox: Any, inbound: InboundMail, *rest: Any) -> Any:
+        looked_up.append(inbound.id)
+        return real_evidence(settings, mailbox, inbound, *rest)
+
+    def failing_write(*_args: Any) -> None:
+        raise RuntimeError("a mail the batch cannot write")
+
+    monkeypatch.setattr(prepare, "sender_evidence", counted)
+    monkeypatch.setattr(step, "sender_evidence", counted)
+    monkeypatch.setattr(pipeline, "_write_batch", failing_write)  # one by one needs none
+    results = ing.process_many(ids)
+    assert {info.Action for info in results.infos.values()} == {"created"}
+    assert sorted(looked_up) == sorted(ids)  # once each, in the batch
+    for info in results.infos.values():
+        message, _ticket, _inbound = stored(ing, info)
+        assert auth_of(message)["verdict"] == "pass"

@@ -178,11 +178,12 @@ def _close(client: smtplib.SMTP | None) -> None:
 # --- the database ----------------------------------------------------------------------------
 
 
-def in_flight(engine: Engine) -> int:
-    """Mails a worker has begun (a start counted) and not finished: a kill now is mid-task."""
+def begun(engine: Engine) -> set[int]:
+    """Mails whose start is counted and that are not finished: in a worker's hands, or left
+    so by an earlier kill until the sweep hands them out again."""
     with engine.connect() as conn:
-        return int(conn.scalar(select(func.count()).select_from(InboundMail).where(
-            InboundMail.state == "received", InboundMail.attempts > 0)) or 0)
+        return set(conn.scalars(select(InboundMail.id).where(
+            InboundMail.state == "received", InboundMail.attempts > 0)))
 
 
 def progress(engine: Engine) -> tuple[int, Counter[str]]:
@@ -232,6 +233,7 @@ def test_no_mail_lost_or_doubled_when_workers_and_broker_crash(
     stop = threading.Event()
     threads: list[threading.Thread] = []
     kills = redis_restarts = 0
+    orphaned: set[int] = set()  # begun when the last kill came: not in flight at the next
     chaos_log: list[str] = []
     try:
         smtp.start()
@@ -262,8 +264,8 @@ def test_no_mail_lost_or_doubled_when_workers_and_broker_crash(
         for event in events:
             time.sleep(rng.uniform(*CHAOS_GAP_S))
             if event == "kill":  # prefer a moment with work in flight: kill mid-task
-                patience = time.monotonic() + 2.0
-                while not in_flight(engine) and time.monotonic() < patience:
+                patience = time.monotonic() + 2.0  # in flight: begun since the last kill
+                while not begun(engine) - orphaned and time.monotonic() < patience:
                     time.sleep(0.005)
             elapsed = f"{time.monotonic() - t_ready:5.1f}s"
             with tally.lock:
@@ -273,8 +275,11 @@ def test_no_mail_lost_or_doubled_when_workers_and_broker_crash(
             if event == "kill":
                 worker.kill_group(signal.SIGKILL)
                 kills += 1
-                busy = in_flight(engine)  # begun and unfinished: what the kill interrupted
-                chaos_log.append(f"{when}: SIGKILL worker group #{kills}, {busy} mail(s) begun")
+                now_begun = begun(engine)  # what this kill interrupted, and what it left
+                interrupted = len(now_begun - orphaned)
+                orphaned = now_begun
+                chaos_log.append(f"{when}: SIGKILL worker group #{kills}, "
+                                 f"{interrupted} mail(s) in flight")
                 time.sleep(rng.uniform(0.0, 1.0))
                 worker.start()
             elif redis_server is not None:

@@ -372,10 +372,11 @@ def _wait_for_metrics(port: int, wanted: tuple[str, ...], log_path: Path) -> str
 @pytest.mark.timeout(150)
 def test_one_task_carries_several_mails_and_a_reply_waits_for_its_parent_in_it(
         worker_site: tuple[Path, int, dict[str, str]], tmp_path: Path) -> None:
-    """``enqueue`` puts up to 16 ids in one task.  On SQLite the task runs them one by one (a
-    batch transaction is PostgreSQL's, tests/test_worker_batch.py): the reply, named first, is
-    deferred (its parent is spooled, not processed), the task goes on with the parent and a
-    third mail, then runs the reply again once its parent is done: no broker retry."""
+    """``enqueue`` puts up to 16 ids in one task, which runs them as one batch in spool order:
+    the reply, named first in the task, is processed after its parent (spooled before it) and
+    appended to its ticket in the same transaction: no broker retry.  (A reply whose parent is
+    in another task is deferred and waited for: tests/test_worker_batch.py and the test
+    below.)"""
     _config, port, env = worker_site
     send = textwrap.dedent(_BATCH_MAILS) + "assert enqueue([reply, parent, other])\n"
     subprocess.run([sys.executable, "-c", send], env=env, cwd=tmp_path, check=True, timeout=30)
