@@ -209,22 +209,11 @@ def _process_in(session: Session, inbound: InboundMail, raw: bytes, ingestor: In
     return info, ctx
 
 
-@dataclass(slots=True)
-class Start:
-    """A counted processing start: the record as it was counted, its bytes and envelope
-    included, which the mail's processing works out from before its transaction opens (see
-    :func:`~ingest.prepare.prepare_delivery`)."""
-
-    record: InboundMail
-
-    @property
-    def attempts(self) -> int:
-        return int(self.record.attempts)
-
-
-def _start_attempt(ingestor: Ingestor, inbound_id: int) -> Start | None:
+def _start_attempt(ingestor: Ingestor, inbound_id: int) -> InboundMail | None:
     """Count this processing start in its own commit, so a mail that kills or hangs its worker
-    is recognised on the next delivery.  None when the record is already final."""
+    is recognised on the next delivery.  Returns the record as counted, its bytes and envelope
+    included, which the mail's processing works out from before its transaction opens (see
+    :func:`~ingest.prepare.prepare_delivery`); None when the record is already final."""
     with ingestor.sessions() as session:
         try:
             row = session.connection().execute(_COUNT_ATTEMPT, {"inbound": inbound_id}).first()
@@ -238,7 +227,7 @@ def _start_attempt(ingestor: Ingestor, inbound_id: int) -> Start | None:
         if exists is None:
             raise InboundNotFound(f"no inbound mail {inbound_id}")
         return None  # final already
-    return Start(InboundMail(**row._mapping))
+    return InboundMail(**row._mapping)
 
 
 def _locked_record(session: Session, inbound_id: int, raw: bytes | None) -> InboundMail | None:
@@ -256,19 +245,19 @@ def process_inbound(ingestor: Ingestor, inbound_id: int,
                     evidence: SenderAuthentication | None = None) -> TicketInfo:
     """Process a spooled record (SMTP, IMAP, worker and sweep path).  Idempotent.
     ``evidence``: its sender evidence, when a batch that failed worked it out already."""
-    start = _start_attempt(ingestor, inbound_id)
+    started = _start_attempt(ingestor, inbound_id)
     max_attempts = ingestor.settings.worker.max_attempts
-    if start is not None and start.attempts > max_attempts:
+    if started is not None and started.attempts > max_attempts:
         return quarantine(ingestor, inbound_id, AttemptsExhausted(
-            f"processing started {start.attempts - 1} times without finishing "
+            f"processing started {started.attempts - 1} times without finishing "
             "(worker died or hung)"))
     # Prepared after the check above: a mail whose parse or DKIM check kills its worker is
     # quarantined on its next start, not parsed again.
-    raw = start.record.raw if start is not None else None
+    raw = started.raw if started is not None else None
     prepared: ParsedMail | None = None
     for _race in range(MAX_KEY_RACES):
-        if start is not None:  # afresh on a retry: the last run's steps may have changed it
-            prepared = prepare_delivery(start.record, start.record.raw, ingestor.settings,
+        if started is not None:  # afresh on a retry: the last run's steps may have changed it
+            prepared = prepare_delivery(started, started.raw, ingestor.settings,
                                         prepared.authentication if prepared else evidence)
         with ingestor.sessions() as session:
             try:

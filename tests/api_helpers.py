@@ -23,6 +23,7 @@ from argon2 import PasswordHasher
 from fastapi.testclient import TestClient
 
 from ingest.service import Ingestor
+from tests.roles import stop_process
 from workers.api import create_app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -217,10 +218,4 @@ def _wait_ready(base: str, proc: subprocess.Popen[bytes]) -> bool:
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop_process(proc, signal.SIGTERM, 30)

@@ -91,11 +91,19 @@ class Role:
             self._log = None
 
 
+def stop_process(proc: subprocess.Popen[bytes], signum: int, patience: float) -> None:
+    """Send ``signum`` to a process the test started; killed if it is not gone in
+    ``patience`` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signum)
+    try:
+        proc.wait(patience)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def stop_celery_worker(worker: subprocess.Popen[bytes]) -> None:
     """Celery's cold shutdown (SIGQUIT): the test is done with the worker; killed if it hangs."""
-    worker.send_signal(signal.SIGQUIT)
-    try:
-        worker.wait(20)
-    except subprocess.TimeoutExpired:
-        worker.kill()
-        worker.wait()
+    stop_process(worker, signal.SIGQUIT, 20)
