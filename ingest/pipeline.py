@@ -23,6 +23,7 @@ import logging
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +39,13 @@ from ingest.context import BatchState, Claim, MailContext, Outcome, Trace
 from ingest.errors import AttemptsExhausted, InboundNotFound, ParentPending, TransientError
 from ingest.models import FINAL_STATES, InboundMail, utcnow
 from ingest.parse import ParsedMail
-from ingest.prepare import add_evidence_many, prepare_delivery, prepare_mail
+from ingest.prepare import (
+    BATCH_EVIDENCE_WAIT_SECONDS,
+    PendingEvidence,
+    add_evidence_many,
+    prepare_delivery,
+    prepare_mail,
+)
 from ingest.reply import visible_reply
 from ingest.steps.authenticate import authenticate
 from ingest.steps.automail import stop_unreferenced_automatic_mail
@@ -388,13 +395,16 @@ def _process_spooled(ingestor: Ingestor, inbound_ids: Sequence[int], deadline: f
     for position, inbound_id in enumerate(inbound_ids):
         if inbound_id in results.infos or inbound_id in results.deferred:
             continue
-        if deadline is not None and time.monotonic() > deadline:
+        try:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError("the task's deadline has passed")
+            found = _evidence_by(evidence.get(inbound_id), deadline)
+        except TimeoutError:
             results.left = [i for i in inbound_ids[position:]
                             if i not in results.infos and i not in results.deferred]
             break
         try:
-            results.infos[inbound_id] = process_inbound(ingestor, inbound_id,
-                                                        evidence.get(inbound_id))
+            results.infos[inbound_id] = process_inbound(ingestor, inbound_id, found)
         except ParentPending as pending:
             results.defer(inbound_id, pending)
         except InboundNotFound:
@@ -402,7 +412,17 @@ def _process_spooled(ingestor: Ingestor, inbound_ids: Sequence[int], deadline: f
     return results
 
 
-Evidence = dict[int, SenderAuthentication]  # inbound id -> its sender evidence, worked out
+# inbound id -> its sender evidence, worked out or still being looked up
+Evidence = dict[int, SenderAuthentication | PendingEvidence]
+
+
+def _evidence_by(found: SenderAuthentication | PendingEvidence | None, deadline: float | None
+                 ) -> SenderAuthentication | None:
+    """The evidence a batch worked out for a mail, once its look-ups have finished; raises
+    ``TimeoutError`` if they are still running at ``deadline``."""
+    if not isinstance(found, Future):
+        return found
+    return found.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
 
 def _run_batch(ingestor: Ingestor, inbound_ids: Sequence[int], deadline: float | None,
@@ -413,19 +433,22 @@ def _run_batch(ingestor: Ingestor, inbound_ids: Sequence[int], deadline: float |
     back too, unless the deadline has passed: the task then hands them back, and as started
     records the next task runs them one by one, which isolates a poison mail instead of
     failing the same batch again.  Returns the evidence of a failed batch's mails, for the
-    one-by-one pass to reuse: a resolver caches answers, not a silent name server's timeouts."""
+    one-by-one pass to reuse: a resolver caches answers, not a silent name server's timeouts.
+    A mail whose sender's look-ups outlast :data:`~ingest.prepare.BATCH_EVIDENCE_WAIT_SECONDS`
+    is left out of the batch too, uncounted, and returned with the future of its evidence: the
+    one-by-one pass runs it once its look-ups end, and the batch's other mails do not wait."""
     if deadline is not None and time.monotonic() > deadline:
         return {}  # nothing to begin: the one-by-one pass hands every mail back
     started = _start_fresh(ingestor, inbound_ids)
     if not started:
         return {}
-    ahead = _prepare_ahead(ingestor, started, deadline)
+    ahead, late = _prepare_ahead(ingestor, started, deadline)
     fresh = list(ahead)
     unbegun = [record.id for record in started if record.id not in ahead]
-    if unbegun:  # past the deadline: handed back, uncounted, by the one-by-one pass
+    if unbegun:  # past the deadline, or slow look-ups: for the one-by-one pass, uncounted
         _forget_attempts(ingestor, unbegun)
     if not ahead:
-        return {}
+        return dict(late)
     try:
         _process_spooled_batch(ingestor, ahead, results)
     except TransientError:
@@ -440,20 +463,22 @@ def _run_batch(ingestor: Ingestor, inbound_ids: Sequence[int], deadline: float |
         results.infos.clear()
         results.deferred.clear()
         results.parents.clear()
-        return {inbound_id: mail.authentication for inbound_id, (_raw, mail) in ahead.items()
-                if mail is not None and mail.authentication is not None}
-    return {}
+        return {**{inbound_id: mail.authentication for inbound_id, (_raw, mail) in ahead.items()
+                   if mail is not None and mail.authentication is not None}, **late}
+    return dict(late)
 
 
 Ahead = dict[int, tuple[bytes, ParsedMail | None]]  # inbound id -> (bytes, prepared mail)
 
 
 def _prepare_ahead(ingestor: Ingestor, started: list[InboundMail], deadline: float | None
-                   ) -> Ahead:
+                   ) -> tuple[Ahead, dict[int, PendingEvidence]]:
     """A batch's mails prepared before its transaction (as :func:`prepare_delivery` does for
     one): parsed in id order, none begun after ``deadline``, so that the task hands back in
     time what it has not begun; then the sender evidence of those parsed, their DNS look-ups
-    side by side (:func:`~ingest.prepare.add_evidence_many`)."""
+    side by side (:func:`~ingest.prepare.add_evidence_many`).  The mails whose look-ups are
+    still running after :data:`~ingest.prepare.BATCH_EVIDENCE_WAIT_SECONDS` are taken out of
+    the batch and returned apart, with the futures of their evidence."""
     settings = ingestor.settings
     ahead: Ahead = {}
     parsed: list[tuple[ParsedMail, InboundMail, bytes]] = []
@@ -464,8 +489,10 @@ def _prepare_ahead(ingestor: Ingestor, started: list[InboundMail], deadline: flo
         ahead[record.id] = (record.raw, mail)
         if mail is not None:
             parsed.append((mail, record, record.raw))
-    add_evidence_many(parsed, settings)
-    return ahead
+    late = add_evidence_many(parsed, settings, wait=BATCH_EVIDENCE_WAIT_SECONDS)
+    for inbound_id in late:
+        del ahead[inbound_id]
+    return ahead, late
 
 
 def _batches(ingestor: Ingestor, inbound_ids: Sequence[int]) -> bool:

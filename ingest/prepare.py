@@ -34,6 +34,7 @@ import sys
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import CancelledError, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for_futures
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
@@ -124,8 +125,10 @@ def prepare_delivery(inbound: InboundMail, raw: bytes, settings: Settings,
     return mail
 
 
-def add_evidence(mail: ParsedMail, inbound: InboundMail, raw: bytes, settings: Settings) -> None:
-    """Work out ``mail.authentication`` for this delivery ahead of its transaction."""
+def add_evidence(mail: ParsedMail, inbound: InboundMail, raw: bytes, settings: Settings
+                 ) -> SenderAuthentication | None:
+    """Work out ``mail.authentication`` for this delivery ahead of its transaction; it is also
+    returned (None where it could not be worked out)."""
     try:
         mail.authentication = sender_evidence(settings, settings.mailbox_for(inbound.mailbox_id),
                                               inbound, raw, mail.message)
@@ -133,38 +136,54 @@ def add_evidence(mail: ParsedMail, inbound: InboundMail, raw: bytes, settings: S
         log.warning("inbound %s: sender evidence failed ahead of the transaction: %s: %s",
                     inbound.id or f"sha256:{inbound.sha256}", type(exc).__name__, exc,
                     exc_info=True)
+    return mail.authentication
 
 
 # A batch's own SPF, DKIM and DMARC checks at once: they wait on name servers, not on the CPU,
 # so sixteen new senders' look-ups take about as long as one sender's.
 EVIDENCE_THREADS = 8
+# How long a worker batch waits for its senders' look-ups.  Answers come in milliseconds, and
+# a long SPF include chain, uncached, in a second or two; a sender whose name server is slower
+# than this goes on after the batch, alone, instead of holding up the batch's other mails for
+# up to the resolver's timeouts (about a minute with the defaults).
+BATCH_EVIDENCE_WAIT_SECONDS = 3.0
+
+PendingEvidence = Future[SenderAuthentication | None]  # look-ups still running
 
 
 def add_evidence_many(deliveries: Sequence[tuple[ParsedMail, InboundMail, bytes]],
-                      settings: Settings) -> None:
+                      settings: Settings, wait: float | None = None
+                      ) -> dict[int, PendingEvidence]:
     """:func:`add_evidence` for a batch's mails.  Those ticketgate checks itself (SMTP from
     outside ``trusted_relays``: SPF, DKIM and DMARC, each a few DNS round trips, seconds when a
     name server is slow) run side by side in threads; the rest (an upstream server's
-    Authentication-Results, mostly answered from the resolver's cache) one after the other."""
+    Authentication-Results, mostly answered from the resolver's cache) one after the other.
+
+    With ``wait``, returns after at most that many seconds of look-ups: the deliveries whose
+    look-ups still run then, by inbound id, each with the future of its evidence.  Their
+    ``mail.authentication`` must not be read: the look-up sets it later."""
     own = [d for d in deliveries if checked_here(settings.authentication, d[1])]
     for mail, inbound, raw in deliveries:
         if len(own) < 2 or not checked_here(settings.authentication, inbound):
             add_evidence(mail, inbound, raw, settings)
     if len(own) < 2:
-        return
+        return {}
     # Built once before the threads (each cache would otherwise be built by several of them).
     lookup_for(settings.authentication)
     organizational_domain("example.com")
-    try:
-        with ThreadPoolExecutor(min(EVIDENCE_THREADS, len(own)),
-                                thread_name_prefix="evidence") as pool:
-            for _done in pool.map(lambda d: add_evidence(*d, settings), own):
-                pass
-    except RuntimeError as exc:  # no thread could be started (a process limit): one by one
-        log.warning("sender evidence side by side failed (%s); one after the other", exc)
-        for mail, inbound, raw in own:
-            if mail.authentication is None:
+    pool = ThreadPoolExecutor(min(EVIDENCE_THREADS, len(own)), thread_name_prefix="evidence")
+    running: dict[PendingEvidence, InboundMail] = {}
+    for index, delivery in enumerate(own):
+        try:
+            running[pool.submit(add_evidence, *delivery, settings)] = delivery[1]
+        except RuntimeError as exc:  # no thread could be started (a process limit)
+            log.warning("sender evidence side by side failed (%s); one after the other", exc)
+            for mail, inbound, raw in own[index:]:
                 add_evidence(mail, inbound, raw, settings)
+            break
+    _done, late = wait_for_futures(running, timeout=wait)
+    pool.shutdown(wait=False)  # late look-ups go on; their futures get the evidence
+    return {running[future].id: future for future in late}
 
 
 def prepare_mail(raw: bytes, max_bytes: int) -> ParsedMail | None:

@@ -54,20 +54,24 @@ class Zone(BaseResolver):  # type: ignore[misc]
 
 
 class HeldZone(Zone):
-    """A name server that is slow to answer: every query waits until the test releases it.
-    ``asked`` is set when the first query arrives; ``waiting`` names every query that has."""
+    """A name server that is slow to answer: every query (or, with ``only``, every query for a
+    name in that domain) waits until the test releases it.  ``asked`` is set when the first
+    such query arrives; ``waiting`` names every query that has."""
 
-    def __init__(self) -> None:
+    def __init__(self, only: str | None = None) -> None:
         super().__init__()
+        self.only = only
         self.asked = threading.Event()
         self.released = threading.Event()
         self.waiting: list[str] = []
 
     def resolve(self, request: Any, handler: Any) -> Any:
-        with self.lock:
-            self.waiting.append(str(request.q.qname).lower().rstrip("."))
-        self.asked.set()
-        self.released.wait(60)
+        name = str(request.q.qname).lower().rstrip(".")
+        if self.only is None or name == self.only or name.endswith("." + self.only):
+            with self.lock:
+                self.waiting.append(name)
+            self.asked.set()
+            self.released.wait(60)
         return super().resolve(request, handler)
 
 

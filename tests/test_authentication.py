@@ -40,7 +40,7 @@ from ingest.authentication import (
     parse_dmarc,
 )
 from ingest.config import load_settings
-from ingest.models import InboundMail, Message, Ticket
+from ingest.models import FINAL_STATES, InboundMail, Message, Ticket
 from ingest.pipeline import SpooledResults
 from ingest.service import Ingestor
 from ingest.spool import Envelope
@@ -561,6 +561,34 @@ def test_slow_dns_holds_up_only_its_own_mail(make_ingestor: Callable[..., Ingest
         held.stop()
 
 
+@pytest.fixture
+def looked_up(monkeypatch: pytest.MonkeyPatch) -> list[int | None]:
+    """The inbound ids whose sender evidence is worked out, once per look-up."""
+    import ingest.prepare as prepare
+    import ingest.steps.authenticate as step
+
+    ids: list[int | None] = []
+    real_evidence = step.sender_evidence
+
+    def counted(settings: Any, mailbox: Any, inbound: InboundMail, *rest: Any) -> Any:
+        ids.append(inbound.id)
+        return real_evidence(settings, mailbox, inbound, *rest)
+
+    monkeypatch.setattr(prepare, "sender_evidence", counted)
+    monkeypatch.setattr(step, "sender_evidence", counted)
+    return ids
+
+
+def spool_from(ing: Ingestor, domains: list[str]) -> list[int]:
+    """One mail from a customer of each domain, spooled as the SMTP listener does."""
+    return [ing.receive(mail(sender=f"Customer <customer@{domain}>"), 1, door="smtp",
+                        source="smtp:192.0.2.10",
+                        envelope=Envelope(mail_from=f"customer@{domain}",
+                                          rcpt_to=["support@example.com"],
+                                          client_ip="192.0.2.10", helo=f"mail.{domain}"))
+            for domain in domains]
+
+
 def test_a_batch_looks_its_senders_up_side_by_side(make: Callable[..., Ingestor]) -> None:
     """A worker batch's own SPF, DKIM and DMARC checks wait on name servers, so they run at
     once: while the server holds its first answer, the other senders' look-ups already reach
@@ -569,12 +597,7 @@ def test_a_batch_looks_its_senders_up_side_by_side(make: Callable[..., Ingestor]
     try:
         ing = make(port=held.port, timeout=30.0)
         domains = ["first.test", "second.test", "third.test"]
-        ids = [ing.receive(mail(sender=f"Customer <customer@{domain}>"), 1, door="smtp",
-                           source="smtp:192.0.2.10",
-                           envelope=Envelope(mail_from=f"customer@{domain}",
-                                             rcpt_to=["support@example.com"],
-                                             client_ip="192.0.2.10", helo=f"mail.{domain}"))
-               for domain in domains]
+        ids = spool_from(ing, domains)
         results: list[SpooledResults] = []
         worker = threading.Thread(target=lambda: results.append(ing.process_many(ids)))
         worker.start()
@@ -595,30 +618,87 @@ def test_a_batch_looks_its_senders_up_side_by_side(make: Callable[..., Ingestor]
         held.stop()
 
 
+@pytest.fixture
+def slow_sender(make: Callable[..., Ingestor], monkeypatch: pytest.MonkeyPatch
+                ) -> Iterator[tuple[Ingestor, HeldZone, list[int]]]:
+    """Three spooled mails, the first from a sender whose name server holds its answers until
+    the test releases them; a batch waits half a second for look-ups."""
+    import ingest.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "BATCH_EVIDENCE_WAIT_SECONDS", 0.5)
+    held = LoopbackDns(HeldZone(only="slow.test"))
+    try:
+        held.zone.add("slow.test", "TXT", "v=spf1 ip4:192.0.2.10 -all")
+        ing = make(port=held.port, timeout=30.0)
+        yield ing, held.zone, spool_from(ing, ["slow.test", "quick.test", "other.test"])
+    finally:
+        held.zone.released.set()
+        held.stop()
+
+
+def states(ing: Ingestor, ids: list[int]) -> dict[int, str]:
+    with ing.session() as s:
+        return dict(s.execute(select(InboundMail.id, InboundMail.state)
+                              .where(InboundMail.id.in_(ids))).all())
+
+
+def test_a_slow_sender_goes_on_after_its_batch(
+        slow_sender: tuple[Ingestor, HeldZone, list[int]], looked_up: list[int | None]) -> None:
+    """A batch waits a bounded time for its senders' look-ups: a sender whose name server is
+    slower goes on alone after the batch, which commits its other mails meanwhile (they waited
+    for the slowest sender, up to the resolver's timeouts).  Its look-ups are not made twice:
+    the evidence they find when the server answers is the one its mail is judged by."""
+    ing, zone, ids = slow_sender
+    slow, *quick = ids
+    results: list[SpooledResults] = []
+    worker = threading.Thread(target=lambda: results.append(ing.process_many(ids)))
+    worker.start()
+    give_up = time.monotonic() + 20
+    while time.monotonic() < give_up and not all(
+            states(ing, ids)[i] in FINAL_STATES for i in quick):
+        time.sleep(0.05)
+    assert all(states(ing, ids)[i] in FINAL_STATES for i in quick), \
+        f"the batch waited for its slowest sender's name server: {states(ing, ids)}"
+    assert states(ing, ids)[slow] not in FINAL_STATES and zone.waiting
+    zone.released.set()
+    worker.join(60)
+    assert results and sorted(results[0].infos) == sorted(ids)
+    assert {info.Action for info in results[0].infos.values()} == {"created"}
+    assert sorted(looked_up) == sorted(ids)  # once each: the slow one's look-ups went on
+    message, _ticket, _inbound = stored(ing, results[0].infos[slow])
+    assert auth_of(message)["spf"]["result"] == "pass"
+
+
+def test_a_slow_sender_past_the_deadline_is_handed_back_uncounted(
+        slow_sender: tuple[Ingestor, HeldZone, list[int]]) -> None:
+    """The task does not wait for a slow sender's look-ups past its deadline: the mail is
+    handed back to the broker, its start not counted, and a later task processes it."""
+    ing, zone, ids = slow_sender
+    slow, *quick = ids
+    results = ing.process_many(ids, deadline=time.monotonic() + 1.5)
+    assert sorted(results.infos) == sorted(quick) and results.left == [slow]
+    with ing.session() as s:
+        record = s.get(InboundMail, slow)
+        assert record is not None and record.state == "received" and not record.attempts
+    zone.released.set()
+    again = ing.process_many([slow])
+    assert [info.Action for info in again.infos.values()] == ["created"]
+
+
 def test_a_failed_batch_hands_its_evidence_to_the_mails_run_alone(
-        ing: Ingestor, monkeypatch: pytest.MonkeyPatch) -> None:
+        ing: Ingestor, monkeypatch: pytest.MonkeyPatch, looked_up: list[int | None]) -> None:
     """A batch that fails is redone one by one; its mails' sender evidence is not looked up
     again (a resolver caches answers, not a silent name server's timeouts)."""
     import ingest.pipeline as pipeline
-    import ingest.prepare as prepare
-    import ingest.steps.authenticate as step
 
     envelope = Envelope(mail_from="michael@good.test", rcpt_to=["support@example.com"],
                         client_ip="192.0.2.10", helo="mail.good.test")
     ids = [ing.receive(mail(sender="Michael <michael@good.test>"), 1, door="smtp",
                        source="smtp:192.0.2.10", envelope=envelope) for _ in range(2)]
-    looked_up: list[int | None] = []
-    real_evidence = step.sender_evidence
-
-    def counted(settings: Any, mailbox: Any, inbound: InboundMail, *rest: Any) -> Any:
-        looked_up.append(inbound.id)
-        return real_evidence(settings, mailbox, inbound, *rest)
 
     def failing_write(*_args: Any) -> None:
         raise RuntimeError("a mail the batch cannot write")
 
-    monkeypatch.setattr(prepare, "sender_evidence", counted)
-    monkeypatch.setattr(step, "sender_evidence", counted)
     monkeypatch.setattr(pipeline, "_write_batch", failing_write)  # one by one needs none
     results = ing.process_many(ids)
     assert {info.Action for info in results.infos.values()} == {"created"}
