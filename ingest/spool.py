@@ -155,24 +155,40 @@ def insert_records(connection: Connection, records: Sequence[InboundMail]) -> No
         record.id = inbound_id
 
 
+# SQLAlchemy writes up to this many records as one INSERT statement (its "insertmanyvalues"
+# pages hold up to 1,000 rows and 32,767 parameters; a record has about 20 columns).
+ONE_STATEMENT_RECORDS = 32
+
+
 @contextmanager
-def transaction(engine: Engine) -> Iterator[Connection]:
+def transaction(engine: Engine, *, one_statement: bool = False) -> Iterator[Connection]:
     """A spool write's transaction on a plain connection, committed at the end, rolled back
     and raised as :class:`SpoolError` on any failure.
 
     No ORM session: a session's set-up, bookkeeping and teardown cost more CPU than the INSERT
     itself, and the SMTP listener runs one such transaction per group of mails, often of one
     mail.  Also the driver's refusal of unstorable text (e.g. surrogates from a bad HELO) is a
-    SpoolError: the caller must see one error type and answer "try later", never a crash."""
+    SpoolError: the caller must see one error type and answer "try later", never a crash.
+
+    ``one_statement``: the caller runs a single statement.  On PostgreSQL it then runs on an
+    autocommit connection, where it is its own transaction, committed (and flushed to disk)
+    before its result comes back: one round trip instead of three (BEGIN, the statement,
+    COMMIT).  At moderate rates, where the listener's groups hold one mail, that took a third
+    of the server's CPU for the write and a fifth of its time."""
     try:
-        with engine.begin() as connection:
-            yield connection
+        if one_statement and engine.dialect.name == "postgresql":
+            with engine.connect() as connection:
+                yield connection.execution_options(isolation_level="AUTOCOMMIT")
+        else:
+            with engine.begin() as connection:
+                yield connection
     except (SQLAlchemyError, UnicodeError, ValueError) as exc:
         raise SpoolError(f"could not store the mail: {exc.__class__.__name__}: {exc}") from exc
 
 
 def store_all(engine: Engine, records: list[InboundMail]) -> None:
-    """Commit all records in one transaction, or none of them; their ids are set on them.
+    """Commit all records in one transaction (or one statement), or none of them; their ids
+    are set on them.
 
     A write that met a dead pooled connection (the server restarted or cut it less than
     :data:`ingest.db.PING_AFTER_IDLE_SECONDS` after its last use, so it was not pinged) is
@@ -182,7 +198,8 @@ def store_all(engine: Engine, records: list[InboundMail]) -> None:
         return
     for last_try in (False, True):
         try:
-            with transaction(engine) as connection:
+            with transaction(engine, one_statement=len(records) <= ONE_STATEMENT_RECORDS
+                             ) as connection:
                 insert_records(connection, records)
             return
         except SpoolError as exc:

@@ -17,13 +17,15 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
 from ingest import db
 from ingest.config import load_settings
-from ingest.service import Ingestor
+from ingest.errors import SpoolError
+from ingest.service import Ingestor, SpoolRequest
+from ingest.spool import Envelope
 
 IDLE = 0.3  # PING_AFTER_IDLE_SECONDS in these tests, to keep them short
 
@@ -110,6 +112,44 @@ def test_a_spool_write_on_a_connection_cut_just_after_use_is_written_on_a_fresh_
             assert conn.execute(text("SELECT count(*) FROM inbound_mails")).scalar_one() == 2
             assert conn.execute(text("SELECT id FROM inbound_mails WHERE id = :id"),
                                 {"id": second}).scalar_one() == second
+    finally:
+        ing.close()
+
+
+def test_a_spool_write_on_postgresql_is_one_statement_that_commits_itself(
+        fresh_postgres_url: str, tmp_path: Path) -> None:
+    """A spool write is one INSERT on an autocommit connection: one round trip to the server,
+    not three (BEGIN, INSERT, COMMIT).  It is committed when the write returns (another
+    connection reads it), and it is all or nothing: a group with one record the server refuses
+    stores none of its rows, and is then written request by request."""
+    config = tmp_path / "ticketgate.toml"
+    config.write_text("", encoding="utf-8")
+    ing = Ingestor(load_settings(config, database_url=fresh_postgres_url))
+    try:
+        def mail(name: str) -> bytes:
+            return (f"From: a@example.org\r\nSubject: {name}\r\n"
+                    f"Message-ID: <{name}@example.org>\r\n\r\nbody\r\n").encode()
+
+        ing.receive(mail("warm-up"), 1, "smtp")  # the pool's first connection is set up
+        sent: list[tuple[str, bool]] = []
+
+        @event.listens_for(ing.engine, "before_cursor_execute")
+        def observe(conn: Connection, _cursor: object, statement: str, *_rest: object) -> None:
+            sent.append((statement.split()[0], conn.connection.dbapi_connection.autocommit))
+
+        refused = Envelope(client_ip="x" * 100)  # longer than the column: the server says no
+        results = ing.receive_group([SpoolRequest(mail("one"), [1], "smtp a"),
+                                     SpoolRequest(mail("two"), [1], "smtp b", refused),
+                                     SpoolRequest(mail("three"), [1], "smtp c")], "smtp")
+        assert isinstance(results[1], SpoolError)
+        assert isinstance(results[0], list) and isinstance(results[2], list)
+        assert sent == [("INSERT", True)] * 4  # the group's, then one per request
+        url = make_url(fresh_postgres_url)
+        with psycopg.connect(host=url.host, port=url.port, user=url.username,
+                             password=url.password, dbname=url.database) as other:
+            stored = [row[0] for row in other.execute(
+                "SELECT header_message_id FROM inbound_mails ORDER BY id")]
+        assert stored == ["warm-up@example.org", "one@example.org", "three@example.org"]
     finally:
         ing.close()
 
