@@ -23,7 +23,7 @@ import logging
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, as_completed
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -308,7 +308,9 @@ class SpooledResults:
     deferred: list[int] = field(default_factory=list)  # replies waiting for their parent
     parents: dict[int, int] = field(default_factory=dict)  # deferred id -> the parent's id
     missing: list[int] = field(default_factory=list)  # no such record
-    left: list[int] = field(default_factory=list)  # not begun: the deadline had passed
+    # not done when the deadline passed: not begun and uncounted, or still counted while the
+    # sender's look-ups ran on
+    left: list[int] = field(default_factory=list)
 
     def defer(self, inbound_id: int, pending: ParentPending) -> None:
         self.deferred.append(inbound_id)
@@ -335,7 +337,8 @@ def process_inbound_many(ingestor: Ingestor, inbound_ids: Sequence[int],
     record of it started once, so the redelivered task takes them one by one.  A parent
     earlier in the same batch counts as processed.  No record is begun after ``deadline``
     (``time.monotonic()``), neither its preparation in the batch nor its processing one by
-    one: those are returned in ``left``, their starts not counted.
+    one: those are returned in ``left``, their starts not counted (a mail whose sender's
+    look-ups outlasted the batch's wait and then the deadline goes back counted).
 
     A reply whose parent is spooled but unprocessed is deferred (not counted as an attempt)
     while the others go on.  Its parent is nearly always in another worker's batch, committed
@@ -385,44 +388,60 @@ def _wait_for_parents(ingestor: Ingestor, parent_ids: set[int], give_up: float) 
 
 def _process_spooled(ingestor: Ingestor, inbound_ids: Sequence[int], deadline: float | None
                      ) -> SpooledResults:
-    """One pass of :func:`process_inbound_many`: the fresh records as a batch, then the rest
-    (those the batch did not begin before the deadline, and everything if it failed) one by
-    one."""
+    """One pass of :func:`process_inbound_many`: the fresh records as a batch, then the rest one
+    by one: those the batch did not begin before the deadline (everything if it failed), and
+    last, in the order their look-ups end, the mails whose senders' look-ups outlasted the
+    batch's wait."""
     results = SpooledResults()
     evidence: Evidence = {}
     if _batches(ingestor, inbound_ids):
         evidence = _run_batch(ingestor, inbound_ids, deadline, results)
-    for position, inbound_id in enumerate(inbound_ids):
-        if inbound_id in results.infos or inbound_id in results.deferred:
-            continue
-        try:
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError("the task's deadline has passed")
-            found = _evidence_by(evidence.get(inbound_id), deadline)
-        except TimeoutError:
-            results.left = [i for i in inbound_ids[position:]
-                            if i not in results.infos and i not in results.deferred]
-            break
-        try:
-            results.infos[inbound_id] = process_inbound(ingestor, inbound_id, found)
-        except ParentPending as pending:
-            results.defer(inbound_id, pending)
-        except InboundNotFound:
-            results.missing.append(inbound_id)
+    slow = {found: inbound_id for inbound_id, found in evidence.items()
+            if isinstance(found, Future)}
+    rest = [i for i in inbound_ids if i not in results.infos and i not in results.deferred
+            and i not in slow.values()]
+    for position, inbound_id in enumerate(rest):
+        if _past(deadline):
+            results.left = [*rest[position:], *slow.values()]
+            return results
+        found = evidence.get(inbound_id)
+        _process_alone(ingestor, inbound_id, None if isinstance(found, Future) else found,
+                       results)
+    try:
+        for future in as_completed(slow, timeout=_remaining(deadline)):
+            if _past(deadline):
+                break
+            inbound_id = slow.pop(future)
+            # Its batch start counted while its checks ran (a DKIM check that kills the worker
+            # counts); the one-by-one path counts its own.
+            _forget_attempts(ingestor, [inbound_id])
+            _process_alone(ingestor, inbound_id, future.result(), results)
+    except TimeoutError:
+        pass
+    results.left.extend(slow.values())  # still counted: the next task runs them one by one
     return results
+
+
+def _process_alone(ingestor: Ingestor, inbound_id: int,
+                   evidence: SenderAuthentication | None, results: SpooledResults) -> None:
+    try:
+        results.infos[inbound_id] = process_inbound(ingestor, inbound_id, evidence)
+    except ParentPending as pending:
+        results.defer(inbound_id, pending)
+    except InboundNotFound:
+        results.missing.append(inbound_id)
+
+
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() > deadline
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 # inbound id -> its sender evidence, worked out or still being looked up
 Evidence = dict[int, SenderAuthentication | PendingEvidence]
-
-
-def _evidence_by(found: SenderAuthentication | PendingEvidence | None, deadline: float | None
-                 ) -> SenderAuthentication | None:
-    """The evidence a batch worked out for a mail, once its look-ups have finished; raises
-    ``TimeoutError`` if they are still running at ``deadline``."""
-    if not isinstance(found, Future):
-        return found
-    return found.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
 
 def _run_batch(ingestor: Ingestor, inbound_ids: Sequence[int], deadline: float | None,
@@ -435,8 +454,9 @@ def _run_batch(ingestor: Ingestor, inbound_ids: Sequence[int], deadline: float |
     failing the same batch again.  Returns the evidence of a failed batch's mails, for the
     one-by-one pass to reuse: a resolver caches answers, not a silent name server's timeouts.
     A mail whose sender's look-ups outlast :data:`~ingest.prepare.BATCH_EVIDENCE_WAIT_SECONDS`
-    is left out of the batch too, uncounted, and returned with the future of its evidence: the
-    one-by-one pass runs it once its look-ups end, and the batch's other mails do not wait."""
+    is left out of the batch too, still counted while its look-ups and DKIM check run on, and
+    returned with the future of its evidence: the one-by-one pass runs it once they end, and
+    the batch's other mails do not wait for it."""
     if deadline is not None and time.monotonic() > deadline:
         return {}  # nothing to begin: the one-by-one pass hands every mail back
     started = _start_fresh(ingestor, inbound_ids)
@@ -444,8 +464,8 @@ def _run_batch(ingestor: Ingestor, inbound_ids: Sequence[int], deadline: float |
         return {}
     ahead, late = _prepare_ahead(ingestor, started, deadline)
     fresh = list(ahead)
-    unbegun = [record.id for record in started if record.id not in ahead]
-    if unbegun:  # past the deadline, or slow look-ups: for the one-by-one pass, uncounted
+    unbegun = [record.id for record in started if record.id not in ahead and record.id not in late]
+    if unbegun:  # past the deadline: handed back, uncounted, by the one-by-one pass
         _forget_attempts(ingestor, unbegun)
     if not ahead:
         return dict(late)

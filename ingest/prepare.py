@@ -140,8 +140,9 @@ def add_evidence(mail: ParsedMail, inbound: InboundMail, raw: bytes, settings: S
 
 
 # A batch's own SPF, DKIM and DMARC checks at once: they wait on name servers, not on the CPU,
-# so sixteen new senders' look-ups take about as long as one sender's.
-EVIDENCE_THREADS = 8
+# so sixteen new senders' look-ups take about as long as one sender's.  As many threads as a
+# worker task carries mails: a mail queued behind slow senders would count as slow itself.
+EVIDENCE_THREADS = 16
 # How long a worker batch waits for its senders' look-ups.  Answers come in milliseconds, and
 # a long SPF include chain, uncached, in a second or two; a sender whose name server is slower
 # than this goes on after the batch, alone, instead of holding up the batch's other mails for
@@ -161,7 +162,9 @@ def add_evidence_many(deliveries: Sequence[tuple[ParsedMail, InboundMail, bytes]
 
     With ``wait``, returns after at most that many seconds of look-ups: the deliveries whose
     look-ups still run then, by inbound id, each with the future of its evidence.  Their
-    ``mail.authentication`` must not be read: the look-up sets it later."""
+    ``mail.authentication`` must not be read: the look-up sets it later.  Such a look-up runs
+    on after the caller has gone on, and a process that exits meanwhile waits for it (at most
+    the resolver's timeouts); a prefork worker's pool process exits without waiting."""
     own = [d for d in deliveries if checked_here(settings.authentication, d[1])]
     for mail, inbound, raw in deliveries:
         if len(own) < 2 or not checked_here(settings.authentication, inbound):
@@ -173,14 +176,18 @@ def add_evidence_many(deliveries: Sequence[tuple[ParsedMail, InboundMail, bytes]
     organizational_domain("example.com")
     pool = ThreadPoolExecutor(min(EVIDENCE_THREADS, len(own)), thread_name_prefix="evidence")
     running: dict[PendingEvidence, InboundMail] = {}
-    for index, delivery in enumerate(own):
+    for delivery in own:
         try:
             running[pool.submit(add_evidence, *delivery, settings)] = delivery[1]
         except RuntimeError as exc:  # no thread could be started (a process limit)
             log.warning("sender evidence side by side failed (%s); one after the other", exc)
-            for mail, inbound, raw in own[index:]:
-                add_evidence(mail, inbound, raw, settings)
-            break
+            # The refused work may be queued already: cancelled, or waited for if a thread took
+            # it, so that no mail is checked by a thread and here at once.
+            pool.shutdown(wait=True, cancel_futures=True)
+            for mail, inbound, raw in own:
+                if mail.authentication is None:
+                    add_evidence(mail, inbound, raw, settings)
+            return {}
     _done, late = wait_for_futures(running, timeout=wait)
     pool.shutdown(wait=False)  # late look-ups go on; their futures get the evidence
     return {running[future].id: future for future in late}

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections import defaultdict
+from collections.abc import Sequence
 from contextlib import closing
 from typing import Any
 
@@ -54,24 +56,35 @@ class Zone(BaseResolver):  # type: ignore[misc]
 
 
 class HeldZone(Zone):
-    """A name server that is slow to answer: every query (or, with ``only``, every query for a
-    name in that domain) waits until the test releases it.  ``asked`` is set when the first
-    such query arrives; ``waiting`` names every query that has."""
+    """A name server that is slow to answer: every query waits until the test releases it, or,
+    with ``only``, every query for a name in those domains waits until the test releases its
+    domain (``release``) or all (``released.set()``).  ``asked`` is set when the first held
+    query arrives; ``waiting`` names every query that has."""
 
-    def __init__(self, only: str | None = None) -> None:
+    def __init__(self, only: Sequence[str] = ()) -> None:
         super().__init__()
-        self.only = only
+        self.only = tuple(only)
         self.asked = threading.Event()
         self.released = threading.Event()
+        self._released_domains: set[str] = set()
         self.waiting: list[str] = []
+
+    def release(self, domain: str) -> None:
+        with self.lock:
+            self._released_domains.add(domain)
 
     def resolve(self, request: Any, handler: Any) -> Any:
         name = str(request.q.qname).lower().rstrip(".")
-        if self.only is None or name == self.only or name.endswith("." + self.only):
+        domain = next((d for d in self.only if name == d or name.endswith("." + d)), None)
+        if not self.only or domain is not None:
             with self.lock:
                 self.waiting.append(name)
             self.asked.set()
-            self.released.wait(60)
+            give_up = time.monotonic() + 60
+            while not self.released.wait(0.02) and time.monotonic() < give_up:
+                with self.lock:
+                    if domain in self._released_domains:
+                        break
         return super().resolve(request, handler)
 
 

@@ -619,70 +619,103 @@ def test_a_batch_looks_its_senders_up_side_by_side(make: Callable[..., Ingestor]
 
 
 @pytest.fixture
-def slow_sender(make: Callable[..., Ingestor], monkeypatch: pytest.MonkeyPatch
-                ) -> Iterator[tuple[Ingestor, HeldZone, list[int]]]:
-    """Three spooled mails, the first from a sender whose name server holds its answers until
-    the test releases them; a batch waits half a second for look-ups."""
+def slow_senders(make: Callable[..., Ingestor], monkeypatch: pytest.MonkeyPatch
+                 ) -> Iterator[tuple[Ingestor, HeldZone]]:
+    """An ingestor whose name server holds its answers for slow.test and slower.test until the
+    test releases them; a batch waits a second for look-ups."""
     import ingest.pipeline as pipeline
 
-    monkeypatch.setattr(pipeline, "BATCH_EVIDENCE_WAIT_SECONDS", 0.5)
-    held = LoopbackDns(HeldZone(only="slow.test"))
+    monkeypatch.setattr(pipeline, "BATCH_EVIDENCE_WAIT_SECONDS", 1.0)
+    held = LoopbackDns(HeldZone(only=["slow.test", "slower.test"]))
     try:
         held.zone.add("slow.test", "TXT", "v=spf1 ip4:192.0.2.10 -all")
-        ing = make(port=held.port, timeout=30.0)
-        yield ing, held.zone, spool_from(ing, ["slow.test", "quick.test", "other.test"])
+        yield make(port=held.port, timeout=30.0), held.zone
     finally:
         held.zone.released.set()
         held.stop()
 
 
-def states(ing: Ingestor, ids: list[int]) -> dict[int, str]:
+def records(ing: Ingestor, ids: list[int]) -> dict[int, tuple[str, int]]:
+    """inbound id -> (state, attempts)"""
     with ing.session() as s:
-        return dict(s.execute(select(InboundMail.id, InboundMail.state)
-                              .where(InboundMail.id.in_(ids))).all())
+        return {row.id: (row.state, row.attempts) for row in s.execute(
+            select(InboundMail.id, InboundMail.state, InboundMail.attempts)
+            .where(InboundMail.id.in_(ids)))}
+
+
+def wait_until_final(ing: Ingestor, ids: list[int], seconds: float = 20.0) -> bool:
+    give_up = time.monotonic() + seconds
+    while time.monotonic() < give_up:
+        if all(state in FINAL_STATES for state, _ in records(ing, ids).values()):
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def test_a_slow_sender_goes_on_after_its_batch(
-        slow_sender: tuple[Ingestor, HeldZone, list[int]], looked_up: list[int | None]) -> None:
+        slow_senders: tuple[Ingestor, HeldZone], looked_up: list[int | None]) -> None:
     """A batch waits a bounded time for its senders' look-ups: a sender whose name server is
     slower goes on alone after the batch, which commits its other mails meanwhile (they waited
-    for the slowest sender, up to the resolver's timeouts).  Its look-ups are not made twice:
-    the evidence they find when the server answers is the one its mail is judged by."""
-    ing, zone, ids = slow_sender
+    for the slowest sender, up to the resolver's timeouts).  Its start stays counted while its
+    checks run (one that kills the worker must count); its look-ups are not made twice: what
+    they find when the server answers is what its mail is judged by."""
+    ing, zone = slow_senders
+    ids = spool_from(ing, ["slow.test", "quick.test", "other.test"])
     slow, *quick = ids
     results: list[SpooledResults] = []
     worker = threading.Thread(target=lambda: results.append(ing.process_many(ids)))
     worker.start()
-    give_up = time.monotonic() + 20
-    while time.monotonic() < give_up and not all(
-            states(ing, ids)[i] in FINAL_STATES for i in quick):
-        time.sleep(0.05)
-    assert all(states(ing, ids)[i] in FINAL_STATES for i in quick), \
-        f"the batch waited for its slowest sender's name server: {states(ing, ids)}"
-    assert states(ing, ids)[slow] not in FINAL_STATES and zone.waiting
-    zone.released.set()
-    worker.join(60)
+    try:
+        assert wait_until_final(ing, quick), \
+            f"the batch waited for its slowest sender's name server: {records(ing, ids)}"
+        assert records(ing, [slow])[slow] == ("received", 1) and zone.waiting
+    finally:
+        zone.released.set()
+        worker.join(60)
     assert results and sorted(results[0].infos) == sorted(ids)
     assert {info.Action for info in results[0].infos.values()} == {"created"}
+    assert records(ing, [slow])[slow][1] == 1
     assert sorted(looked_up) == sorted(ids)  # once each: the slow one's look-ups went on
     message, _ticket, _inbound = stored(ing, results[0].infos[slow])
     assert auth_of(message)["spf"]["result"] == "pass"
 
 
-def test_a_slow_sender_past_the_deadline_is_handed_back_uncounted(
-        slow_sender: tuple[Ingestor, HeldZone, list[int]]) -> None:
+def test_slow_senders_go_on_in_the_order_their_look_ups_end(
+        slow_senders: tuple[Ingestor, HeldZone]) -> None:
+    """Of two slow senders, the one whose name server answers first is processed first: it
+    does not wait behind the other, which came earlier in the task."""
+    ing, zone = slow_senders
+    ids = spool_from(ing, ["slower.test", "slow.test", "quick.test"])
+    slower, slow, quick = ids
+    results: list[SpooledResults] = []
+    worker = threading.Thread(target=lambda: results.append(ing.process_many(ids)))
+    worker.start()
+    try:
+        assert wait_until_final(ing, [quick])
+        zone.release("slow.test")
+        assert wait_until_final(ing, [slow]), "the slow sender waited behind the slower one"
+        assert records(ing, [slower])[slower][0] == "received"
+    finally:
+        zone.released.set()
+        worker.join(60)
+    assert results and sorted(results[0].infos) == sorted(ids)
+
+
+def test_a_slow_sender_past_the_deadline_is_handed_back_counted(
+        slow_senders: tuple[Ingestor, HeldZone]) -> None:
     """The task does not wait for a slow sender's look-ups past its deadline: the mail is
-    handed back to the broker, its start not counted, and a later task processes it."""
-    ing, zone, ids = slow_sender
+    handed back to the broker, its start counted (its checks were running), and a later task
+    processes it one by one."""
+    ing, zone = slow_senders
+    ids = spool_from(ing, ["slow.test", "quick.test", "other.test"])
     slow, *quick = ids
-    results = ing.process_many(ids, deadline=time.monotonic() + 1.5)
+    results = ing.process_many(ids, deadline=time.monotonic() + 5.0)
     assert sorted(results.infos) == sorted(quick) and results.left == [slow]
-    with ing.session() as s:
-        record = s.get(InboundMail, slow)
-        assert record is not None and record.state == "received" and not record.attempts
+    assert records(ing, [slow])[slow] == ("received", 1)
     zone.released.set()
     again = ing.process_many([slow])
     assert [info.Action for info in again.infos.values()] == ["created"]
+    assert records(ing, [slow])[slow][1] == 2
 
 
 def test_a_failed_batch_hands_its_evidence_to_the_mails_run_alone(

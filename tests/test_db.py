@@ -150,6 +150,8 @@ def test_a_spool_write_on_postgresql_is_one_statement_that_commits_itself(
             stored = [row[0] for row in other.execute(
                 "SELECT header_message_id FROM inbound_mails ORDER BY id")]
         assert stored == ["warm-up@example.org", "one@example.org", "three@example.org"]
+        with ing.engine.connect() as conn:  # the pooled connection is back in transactions
+            assert conn.connection.dbapi_connection.autocommit is False
     finally:
         ing.close()
 
