@@ -398,15 +398,15 @@ def _process_spooled(ingestor: Ingestor, inbound_ids: Sequence[int], deadline: f
         evidence = _run_batch(ingestor, inbound_ids, deadline, results)
     slow = {found: inbound_id for inbound_id, found in evidence.items()
             if isinstance(found, Future)}
+    known = {inbound_id: found for inbound_id, found in evidence.items()
+             if not isinstance(found, Future)}
     rest = [i for i in inbound_ids if i not in results.infos and i not in results.deferred
             and i not in slow.values()]
     for position, inbound_id in enumerate(rest):
         if _past(deadline):
             results.left = [*rest[position:], *slow.values()]
             return results
-        found = evidence.get(inbound_id)
-        _process_alone(ingestor, inbound_id, None if isinstance(found, Future) else found,
-                       results)
+        _process_alone(ingestor, inbound_id, known.get(inbound_id), results)
     try:
         for future in as_completed(slow, timeout=_remaining(deadline)):
             if _past(deadline):
@@ -457,7 +457,7 @@ def _run_batch(ingestor: Ingestor, inbound_ids: Sequence[int], deadline: float |
     is left out of the batch too, still counted while its look-ups and DKIM check run on, and
     returned with the future of its evidence: the one-by-one pass runs it once they end, and
     the batch's other mails do not wait for it."""
-    if deadline is not None and time.monotonic() > deadline:
+    if _past(deadline):
         return {}  # nothing to begin: the one-by-one pass hands every mail back
     started = _start_fresh(ingestor, inbound_ids)
     if not started:
@@ -478,7 +478,7 @@ def _run_batch(ingestor: Ingestor, inbound_ids: Sequence[int], deadline: float |
     except Exception as exc:  # one by one, from the records' unchanged state
         log.info("batch of %d spooled mails failed (%s: %s); one by one",
                  len(fresh), type(exc).__name__, exc)
-        if deadline is None or time.monotonic() <= deadline:
+        if not _past(deadline):
             _forget_attempts(ingestor, fresh)
         results.infos.clear()
         results.deferred.clear()
@@ -503,7 +503,7 @@ def _prepare_ahead(ingestor: Ingestor, started: list[InboundMail], deadline: flo
     ahead: Ahead = {}
     parsed: list[tuple[ParsedMail, InboundMail, bytes]] = []
     for record in started:
-        if deadline is not None and time.monotonic() > deadline:
+        if _past(deadline):
             break
         mail = prepare_mail(record.raw, settings.service.max_message_bytes)
         ahead[record.id] = (record.raw, mail)
