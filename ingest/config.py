@@ -422,6 +422,24 @@ class SmtpSection(_Strict):
     # Seconds the 220 greeting waits; a client that sends anything before it gets 554 and is
     # disconnected (spam bots do not wait).  0 sends the greeting at once.
     greeting_delay: float = Field(default=1.0, ge=0, le=60)
+    # The mailbox (its id) that takes mail for postmaster: RCPT TO:<postmaster> and
+    # postmaster@ any domain of the mailboxes' addresses, which RFC 5321 section 4.5.1 says an
+    # MX must accept.  None: the first mailbox.  A mailbox that lists a postmaster address
+    # itself takes that address.
+    postmaster_mailbox: int | None = None
+
+    @model_validator(mode="after")
+    def _tls_is_whole(self) -> SmtpSection:
+        """A certificate without its key (or the other way round), or STARTTLS required with
+        neither, used to start the listener without TLS and without a word: an operator who
+        asked for encrypted delivery got plaintext."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            given, missing = (("tls_cert", "tls_key") if self.tls_key is None
+                              else ("tls_key", "tls_cert"))
+            raise ValueError(f"{given} is set but {missing} is not: STARTTLS needs both")
+        if self.require_starttls and self.tls_cert is None:
+            raise ValueError("require_starttls needs tls_cert and tls_key")
+        return self
 
 
 class HttpSection(_Strict):
@@ -561,6 +579,9 @@ class Settings(BaseSettings):
         for i, person in enumerate(self.person):
             check(f"person[{i}] ({person.email})", "contact", person.contact)
         check("service.default_status", "status", self.service.default_status)
+        postmaster = self.smtp.postmaster_mailbox
+        if postmaster is not None and postmaster not in seen_ids:
+            problems.append(f"smtp.postmaster_mailbox: no mailbox has id {postmaster}")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -600,7 +621,24 @@ class Settings(BaseSettings):
         for box in self.mailbox:
             if box.accept_any:
                 return box
+        if self._is_postmaster(wanted):
+            chosen = self.smtp.postmaster_mailbox
+            return self.mailbox[0] if chosen is None else self.mailboxes_by_id[chosen]
         return None
+
+    def _is_postmaster(self, address: str) -> bool:
+        """``postmaster`` alone, or at a domain this service takes mail for (not at an address
+        literal or a foreign domain: that would make it a relay)."""
+        local, at, domain = address.rpartition("@")
+        if not at:
+            return address == "postmaster"
+        return local == "postmaster" and domain in self.mail_domains
+
+    @cached_property
+    def mail_domains(self) -> frozenset[str]:
+        """The domains of the mailboxes' addresses."""
+        return frozenset(a.rpartition("@")[2] for box in self.mailbox for a in box.addresses
+                         if "@" in a)
 
     @property
     def imap_mailboxes(self) -> list[Mailbox]:

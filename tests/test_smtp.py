@@ -348,8 +348,16 @@ def deliver(site: Site, msg: bytes, rcpts: list[str], sender: str = "customer@ex
     return inbound_ids(reply), reply
 
 
+def return_path(raw: bytes) -> bytes:
+    """The Return-Path line the listener prepends (final delivery, RFC 5321 section 4.4)."""
+    assert raw.startswith(b"Return-Path: <"), raw[:200]
+    return raw[:raw.index(b"\r\n") + 2]
+
+
 def strip_received(raw: bytes) -> tuple[bytes, bytes]:
-    """Split the stored bytes into the prepended Received header and the rest."""
+    """Split the stored bytes, after the prepended Return-Path line, into the prepended
+    Received header and the rest."""
+    raw = raw[len(return_path(raw)):]
     assert raw.startswith(b"Received: from "), raw[:200]
     end = 0
     while True:
@@ -471,6 +479,18 @@ def test_rcpt_accepted_only_for_configured_addresses(main: Site, address: str, c
         assert (got, lines[0].split(b" ")[0]) == (code, enhanced), lines
 
 
+@pytest.mark.parametrize("rcpt", ["postmaster", "Postmaster", "POSTMASTER@example.com",
+                                  "postmaster@Example.COM"])
+def test_postmaster_is_accepted_as_rfc_5321_requires(main: Site, rcpt: str) -> None:
+    """RFC 5321 section 4.5.1: ``postmaster`` with no domain, and at every domain served, MUST
+    be accepted.  It went unanswered (550) unless a mailbox listed it; now it goes to
+    ``[smtp] postmaster_mailbox``, by default the first mailbox."""
+    ids, _ = deliver(main, make_mail("for the postmaster", to=f"<{rcpt}>"), [rcpt])
+    row = main.inbound(ids[0])
+    assert row["mailbox_id"] == 1
+    assert json.loads(row["envelope_to"]) == [rcpt]
+
+
 def test_source_route_is_delivered_locally_without_the_route(main: Site) -> None:
     msg = make_mail("source route")
     with client(main) as smtp:
@@ -575,14 +595,44 @@ def test_data_stores_raw_bytes_and_envelope_before_250(main: Site) -> None:
     assert row["client_ip"] == "127.0.0.1"
     assert row["helo"] == HELO
     assert queue_id.group(1).decode() in row["source"]
+    assert return_path(row["raw"]) == b"Return-Path: <bounces+123@example.org>\r\n"
     received, rest = strip_received(row["raw"])
-    assert rest == msg  # byte-exact after the prepended header
+    assert rest == msg  # byte-exact after the prepended headers
     assert re.fullmatch(
         rb"Received: from client\.example\.net \(\[127\.0\.0\.1\]\)\r\n"
         rb"\tby mx\.ticketgate\.test \(ticketgate\) with ESMTP id " + queue_id.group(1)
         + rb"\r\n\tfor <support@example\.com>; [^\r\n]+\r\n", received), received
     assert row["size"] == len(row["raw"])
     assert row["sha256"] == hashlib.sha256(row["raw"]).hexdigest()
+
+
+BOUNCE_LOOKING = ("From: Jane Doe <jane@customer.example>\r\nTo: support@example.com\r\n"
+                  "Subject: Undelivered Mail Returned to Sender\r\n"
+                  "Date: Mon, 02 Mar 2026 10:00:00 +0000\r\n\r\n"
+                  "This is the mail system at host mta.example.\r\n")
+
+
+@pytest.mark.parametrize(("sender", "msg", "stored_from", "reason"), [
+    pytest.param("", BOUNCE_LOOKING, "", "bounce: bounce subject", id="null-sender"),
+    pytest.param("MAILER-DAEMON@mta.example", BOUNCE_LOOKING, "MAILER-DAEMON@mta.example",
+                 "bounce: bounce subject", id="mailer-daemon-sender"),
+    pytest.param("", "Subject: hello\r\n\r\nno From header at all\r\n", "",
+                 "auto-reply", id="null-sender-no-from"),
+])
+def test_the_envelope_sender_is_the_return_path_so_bounces_open_no_ticket(
+        main: Site, sender: str, msg: str, stored_from: str, reason: str) -> None:
+    """Final delivery adds Return-Path (RFC 5321 section 4.4): the listener writes MAIL FROM
+    there, ``<>`` for a bounce, and bounce and auto-reply detection read it, as they read the
+    delivering MTA's in mail fetched over IMAP.  Without it, these three became tickets."""
+    wire = (msg.replace("Jane", f"Jane {uuid.uuid4().hex[:6]}")).encode()
+    ids, _ = deliver(main, wire, ["support@example.com"], sender=sender)
+    row = main.inbound(ids[0])
+    assert return_path(row["raw"]) == f"Return-Path: <{stored_from}>\r\n".encode()
+    assert row["envelope_from"] == stored_from
+    (done,) = main.wait_final(ids)
+    assert done["state"] == "ignored", done
+    assert done["ticket_id"] is None
+    assert reason in done["reason"], done["reason"]
 
 
 def test_one_mail_to_two_mailboxes_gives_two_records_and_two_tickets(main: Site) -> None:
@@ -629,7 +679,9 @@ def test_smtputf8_and_8bitmime(main: Site) -> None:
     assert row["envelope_from"] == "jörg@exämple.de"
     assert json.loads(row["envelope_to"]) == ["støtte@example.com"]
     assert row["mailbox_id"] == 1
-    assert strip_received(row["raw"])[1] == msg
+    received, rest = strip_received(row["raw"])
+    assert rest == msg
+    assert b" with UTF8SMTP id " in received  # RFC 6531 section 3.7.3
     (done,) = main.wait_final(ids)
     assert done["state"] == "created"
     assert main.query("SELECT title FROM tickets WHERE id = ?", done["ticket_id"]) == [
@@ -689,6 +741,24 @@ def test_commands_injected_before_the_tls_handshake_are_discarded(sites: dict[st
         assert conn.cmd(b"EHLO " + HELO.encode())[0] == 250
         code, lines = conn.cmd(b"RCPT TO:<support@example.com>")
         assert code == 503, lines  # "need MAIL": the injected MAIL FROM was thrown away
+
+
+def test_starttls_inside_tls_is_refused_and_the_session_goes_on(sites: dict[str, Site]) -> None:
+    """RFC 3207 section 4.2: no second STARTTLS.  It was answered 220, and the session then
+    died with a traceback in the log for each try."""
+    site = _tls_site(sites)
+    with raw(site) as conn:
+        assert conn.cmd(b"EHLO " + HELO.encode())[0] == 250
+        assert conn.cmd(b"STARTTLS")[0] == 220
+        context = ssl.create_default_context(cafile=str(site.tls_cert))
+        conn.sock = context.wrap_socket(conn.sock, server_hostname="127.0.0.1")
+        assert conn.cmd(b"EHLO " + HELO.encode())[0] == 250
+        code, lines = conn.cmd(b"STARTTLS")
+        assert (code, lines[0].split()[0]) == (554, b"5.5.1"), lines
+        inbound_id = send_data(conn, b"twice-tls@example.org", make_mail("after a second STARTTLS")
+                               + b".\r\n")
+    assert site.inbound(inbound_id)["envelope_from"] == "twice-tls@example.org"
+    assert "SSLProtocol" not in site.smtp.log.read_text(encoding="utf-8", errors="replace")
 
 
 def test_pipelined_session(main: Site) -> None:
@@ -767,6 +837,17 @@ def test_empty_data_and_overlong_line(main: Site) -> None:
         conn.send(make_mail("overlong") + b"x" * (70 * 1024) + b"\r\n.\r\n")
         assert conn.reply()[0] == 500
         assert conn.cmd(b"NOOP")[0] == 250
+        # The same line between short ones, all arriving in one block: it was only looked for
+        # at a block's first and last line, and 70 and 120 KiB lines were taken.
+        for length in (70 * 1024, 120 * 1024):
+            assert conn.cmd(b"MAIL FROM:<long-line@example.org>")[0] == 250
+            assert conn.cmd(b"RCPT TO:<support@example.com>")[0] == 250
+            assert conn.cmd(b"DATA")[0] == 354
+            conn.send(make_mail("overlong inside") + b"y" * length + b"\r\nend\r\n.\r\n")
+            code, lines = conn.reply()
+            assert (code, lines[0].split()[0]) == (500, b"5.5.2"), lines
+    assert main.count("SELECT count(*) FROM inbound_mails WHERE envelope_from = ?",
+                      "long-line@example.org") == 0
     assert strip_received(main.inbound(inbound_id)["raw"])[1] == b""
     (done,) = main.wait_final([inbound_id])
     assert (done["state"], done["reason"]) == (
@@ -790,6 +871,81 @@ def test_twenty_megabyte_mail_is_stored_byte_exact(main: Site) -> None:
     assert hashlib.sha256(rest).hexdigest() == hashlib.sha256(msg).hexdigest()
     (done,) = main.wait_final(ids)
     assert done["state"] == "created", done
+
+
+# --- the memory budget of DATA ---------------------------------------------------------------
+
+
+def open_data(site: Site, sender: bytes, size: int | None) -> Raw:
+    """A raw session that has sent DATA (its reply not read yet), SIZE declared or not."""
+    conn = Raw(site.port, timeout=30)
+    assert conn.reply()[0] == 220
+    assert conn.cmd(b"EHLO " + HELO.encode())[0] == 250
+    declared = b"" if size is None else b" SIZE=" + str(size).encode()
+    assert conn.cmd(b"MAIL FROM:<" + sender + b">" + declared)[0] == 250
+    assert conn.cmd(b"RCPT TO:<support@example.com>")[0] == 250
+    conn.send(b"DATA\r\n")
+    return conn
+
+
+def test_data_past_its_declared_size_is_held_to_the_budget(main: Site) -> None:
+    """A SIZE is a claim, not a limit: two sessions declaring one byte and sending 20 MiB each
+    would need more than the listener's 32 MiB for mail in flight.  At least one keeps nothing
+    and is told 452 (thirty such sessions took the listener to 700 MB); the first, whose data
+    is all in by then, is usually taken, but if both were still arriving side by side neither
+    may fit.  An honest declaration afterwards is taken: the room came back."""
+    chunk = b"z" * 76 + b"\r\n"
+    body = chunk * (20 * 1024 * 1024 // len(chunk))
+    senders = [b"claims-one-byte-a@example.org", b"claims-one-byte-b@example.org"]
+    sessions = [open_data(main, sender, 1) for sender in senders]
+    try:
+        assert [conn.reply()[0] for conn in sessions] == [354, 354]
+        sessions[0].send(make_mail("twenty MiB declared as one byte") + body)  # no end yet
+        time.sleep(2)  # the listener reads it meanwhile
+        sessions[1].send(make_mail("twenty MiB more declared as one byte") + body + b".\r\n")
+        sessions[0].send(b".\r\n")
+        replies = sorted((code, lines[0].split()[0])
+                         for code, lines in (conn.reply() for conn in sessions))
+    finally:
+        for conn in sessions:
+            conn.close()
+    assert replies in ([(250, b"2.0.0"), (452, b"4.3.1")], [(452, b"4.3.1")] * 2), replies
+    assert main.count("SELECT count(*) FROM inbound_mails WHERE envelope_from IN (?, ?)",
+                      *(sender.decode() for sender in senders)) == replies.count((250, b"2.0.0"))
+    honest = make_mail("twenty MiB declared as such") + body
+    ids, _ = deliver(main, honest, ["support@example.com"], options=[f"SIZE={len(honest)}"])
+    assert len(ids) == 1
+
+
+def test_ordinary_mail_is_not_held_behind_a_large_one_waiting_for_room(main: Site) -> None:
+    """While one session holds most of the budget (a large declared mail, arriving slowly), a
+    second large one waits for room before its 354; mail of ordinary size goes past it.  It
+    waited in line, so two such senders could stop all mail for as long as they kept on."""
+    large = 25_000_000
+    holder = open_data(main, b"holds-the-budget@example.org", large)
+    waiter = small = None
+    try:
+        assert holder.reply()[0] == 354
+        holder.send(make_mail("a large mail, arriving slowly"))
+        waiter = open_data(main, b"waits-for-room@example.org", large)
+        small = open_data(main, b"ordinary-size@example.org", None)
+        small.sock.settimeout(10)
+        assert small.reply()[0] == 354
+        small.send(make_mail("ordinary size") + b".\r\n")
+        assert small.reply()[0] == 250
+        waiter.sock.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            waiter.reply()  # still no room for it
+        holder.send(b"the rest\r\n.\r\n")
+        assert holder.reply()[0] == 250
+        waiter.sock.settimeout(15)
+        assert waiter.reply()[0] == 354  # the room the holder left
+        waiter.send(make_mail("large, after the holder") + b".\r\n")
+        assert waiter.reply()[0] == 250
+    finally:
+        for conn in (holder, waiter, small):
+            if conn is not None:
+                conn.close()
 
 
 # --- broken clients ---------------------------------------------------------------------------
@@ -1008,7 +1164,10 @@ def test_every_accepted_mail_ends_as_a_ticket(main: Site) -> None:
     # The empty DATA of test_empty_data_and_overlong_line is the one mail with nothing in it.
     empty = [r for r in rows if (r["reason"] or "").startswith("empty message")]
     assert [r["state"] for r in empty] == ["ignored"]
-    rows = [r for r in rows if r not in empty]
+    # So are the bounces of test_the_envelope_sender_is_the_return_path_so_bounces_open_no_ticket.
+    bounces = [r for r in rows if r["envelope_from"] in ("", "MAILER-DAEMON@mta.example")]
+    assert [r["state"] for r in bounces] == ["ignored"] * 3
+    rows = [r for r in rows if r not in empty and r not in bounces]
     assert {r["state"] for r in rows} == {"created"}, [
         (r["id"], r["state"], r["reason"], r["error"]) for r in rows if r["state"] != "created"]
     ticket_ids = [r["ticket_id"] for r in rows]

@@ -17,6 +17,7 @@ a real window is a minute long.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import email
 import itertools
@@ -30,8 +31,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
-from ingest.config import SmtpSection
+from ingest.config import SmtpSection, load_settings
+from ingest.errors import ConfigError
 from tests.test_smtp import (
     HELO,
     HOSTNAME,
@@ -46,7 +49,7 @@ from tests.test_smtp import (
     strip_received,
     wait_listening,
 )
-from workers.smtp import PeerLimits
+from workers.smtp import DataBudget, PeerLimits, _received_from
 
 GREETING_DELAY_S = 0.5
 MAX_CONNECTIONS = 2
@@ -375,7 +378,9 @@ def test_message_sent_before_the_354_is_refused_and_not_stored(relay: Site) -> N
                      id="address-literal-configured-local-part"),
         pytest.param("probe@example.org", "<support@[IPv6:::1]>", 550, b"5.1.1",
                      id="ipv6-address-literal"),
-        pytest.param("probe@example.org", "<postmaster>", 550, b"5.1.1", id="no-domain"),
+        pytest.param("probe@example.org", "<postmaster@gmail.com>", 550, b"5.1.1",
+                     id="foreign-postmaster"),
+        pytest.param("probe@example.org", "<support>", 550, b"5.1.1", id="no-domain"),
         pytest.param("probe@example.org", "victim@gmail.com", 550, b"5.1.1",
                      id="no-angle-brackets"),
         pytest.param("probe@example.org", "<support@example.com\x00@gmail.com>", 553, b"5.1.3",
@@ -446,7 +451,11 @@ def test_control_characters_in_helo_are_stored_escaped(relay: Site,
                            "\\u2028(end)")
     received, rest = strip_received(row["raw"])
     assert rest == msg
-    assert b"from evil.example\\x0dX-Helo-Injected: yes\\x00" in received
+    # Not a domain: named in a comment, where it cannot pass for a host of the trace; the
+    # escapes' backslashes and its parentheses are quoted-pairs there, so the comment holds.
+    assert received.startswith(b"Received: from unknown ([127.0.0.1] helo=evil.example"
+                               b"\\\\x0dX-Helo-Injected: yes\\\\x00"), received
+    assert b"\\\\u2028\\(end\\))" in received
     # One header: its only line breaks are the folds, and no other control character is in it.
     assert not re.search(rb"[\x00-\x08\x0a-\x1f\x7f]|\xe2\x80\xa8",
                          received.replace(b"\r\n\t", b"").removesuffix(b"\r\n")), received
@@ -585,3 +594,114 @@ def test_production_defaults() -> None:
             smtp.max_messages_per_ip_per_minute, smtp.max_bad_recipients) == (20, 120, 300, 10)
     assert smtp.greeting_delay == 1.0
     assert smtp.ip_limits_exempt_loopback is False
+
+
+MiB = 1024 * 1024
+
+
+def test_data_budget_waits_a_bounded_time_and_growth_never_waits() -> None:
+    async def scenario() -> None:
+        budget = DataBudget(8 * MiB, wait_seconds=0.2)
+        held = await budget.reserve(6 * MiB)
+        assert held is not None
+        started = time.monotonic()
+        assert await budget.reserve(4 * MiB) is None  # no room within 0.2 s: told 452
+        assert 0.15 <= time.monotonic() - started < 2
+        assert budget.used == 6 * MiB  # the refused wait left nothing behind
+        small = await budget.reserve(256 * 1024)  # ordinary size fits: no wait
+        assert small is not None
+        assert small.cover(MiB)  # data past the reservation, covered while there is room
+        assert budget.used == 6 * MiB + 256 * 1024 + MiB
+        assert not small.cover(3 * MiB)  # no room: refused at once, nothing taken
+        assert budget.used == 6 * MiB + 256 * 1024 + MiB
+        small.release()
+        later = asyncio.create_task(budget.reserve(4 * MiB))
+        gone = asyncio.create_task(budget.reserve(4 * MiB))
+        await asyncio.sleep(0.05)
+        assert not later.done() and not gone.done()
+        gone.cancel()  # a client that went away while waiting takes nothing
+        with contextlib.suppress(asyncio.CancelledError):
+            await gone
+        held.release()
+        granted = await later
+        assert granted is not None and budget.used == 4 * MiB
+        granted.release()
+        assert budget.used == 0
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(("helo", "ip", "expected"), [
+    ("mail.example.org", "192.0.2.1", "mail.example.org ([192.0.2.1])"),
+    ("[192.0.2.1]", "192.0.2.1", "[192.0.2.1] ([192.0.2.1])"),
+    ("client.example", "2001:db8::1", "client.example ([IPv6:2001:db8::1])"),
+    (None, "192.0.2.1", "unknown ([192.0.2.1])"),
+    ("a.example ([8.8.8.8]) by mx.google.com with ESMTPS id x; Tue, 1 Jan 2030",
+     "192.0.2.1",
+     "unknown ([192.0.2.1] helo=a.example \\([8.8.8.8]\\) by mx.google.com with ESMTPS id x;"
+     " Tue, 1 Jan 2030)"),
+])
+def test_received_names_the_client_as_rfc_5321_writes_it(helo: str | None, ip: str,
+                                                         expected: str) -> None:
+    """A HELO that is not a domain or an address literal goes into a comment, so it cannot
+    pass for a host and date of the trace; IPv6 clients are ``[IPv6:...]`` literals."""
+    assert _received_from(helo, ip) == expected
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"require_starttls": True}, "require_starttls needs tls_cert and tls_key"),
+    ({"tls_cert": "/etc/ssl/mx.pem"}, "tls_cert is set but tls_key is not"),
+    ({"tls_key": "/etc/ssl/mx.key"}, "tls_key is set but tls_cert is not"),
+])
+def test_half_a_tls_configuration_is_an_error(fields: dict[str, object], message: str) -> None:
+    """It started the listener without TLS and without a word, so an operator who required
+    STARTTLS took mail in plaintext."""
+    with pytest.raises(ValidationError, match=message):
+        SmtpSection.model_validate(fields)
+
+
+POSTMASTER_WORLD = """
+[[mailbox]]
+id = 1
+name = "Support"
+addresses = ["help@a.example"]
+
+[[mailbox]]
+id = 7
+name = "Operations"
+addresses = ["ops@b.example"]
+"""
+
+
+def test_postmaster_goes_to_the_configured_mailbox(tmp_path: Path) -> None:
+    config = tmp_path / "postmaster.toml"
+    config.write_text("[smtp]\npostmaster_mailbox = 7\n" + POSTMASTER_WORLD, encoding="utf-8")
+    settings = load_settings(config)
+    for address in ("postmaster", "postmaster@a.example", "postmaster@b.example"):
+        box = settings.mailbox_for_address(address)
+        assert box is not None and box.id == 7, address
+    for address in ("postmaster@c.example", "postmaster@[192.0.2.1]", "webmaster@a.example"):
+        assert settings.mailbox_for_address(address) is None, address  # never a relay
+    config.write_text(POSTMASTER_WORLD, encoding="utf-8")
+    box = load_settings(config).mailbox_for_address("postmaster")
+    assert box is not None and box.id == 1  # the first mailbox by default
+    config.write_text("[smtp]\npostmaster_mailbox = 9\n" + POSTMASTER_WORLD, encoding="utf-8")
+    with pytest.raises(ConfigError, match="postmaster_mailbox: no mailbox has id 9"):
+        load_settings(config)
+
+
+def test_refused_commands_carry_enhanced_status_codes(relay: Site) -> None:
+    """RFC 3463 codes on aiosmtpd's own refusals too, as on every other reply of ours."""
+    with raw(relay) as conn:
+        got = [conn.cmd(b"MAIL FROM:<early@example.org>")]  # before EHLO
+        assert conn.cmd(b"EHLO " + HELO.encode())[0] == 250
+        got.append(conn.cmd(b"RCPT TO:<support@example.com>"))  # before MAIL
+        got.append(conn.cmd(b"MAIL FROM:<a@example.org> BOGUS=1"))  # unknown parameter
+        assert conn.cmd(b"MAIL FROM:<a@example.org>")[0] == 250
+        got.append(conn.cmd(b"MAIL FROM:<a@example.org>"))  # nested
+        got.append(conn.cmd(b"DATA"))  # no recipient
+        got.append(conn.cmd(b"RCPT"))  # no argument
+        got.append(conn.cmd(b"FROBNICATE"))  # unknown command
+    assert [(code, enhanced(lines)) for code, lines in got] == [
+        (503, b"5.5.1"), (503, b"5.5.1"), (555, b"5.5.4"), (503, b"5.5.1"), (503, b"5.5.1"),
+        (501, b"5.5.4"), (500, b"5.5.2")], got

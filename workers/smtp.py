@@ -35,10 +35,11 @@ from workers.group_commit import GroupCommit
 
 log = logging.getLogger("ticketgate.smtp")
 
-# Upper bound of the Received header's length, apart from the configured hostname: HELO and
-# the RCPT address are each under 512 bytes (aiosmtpd's command line limit), the IP under 46,
-# the fixed text and the date about 130.
-RECEIVED_HEADER_RESERVE = 2048
+# Upper bound of the trace headers' length (Return-Path and Received), apart from the
+# configured hostname: MAIL FROM's address, HELO and the RCPT address are each under 512 bytes
+# (aiosmtpd's command line limit; HELO is cut to 200 characters, escaped), the IP under 60,
+# the fixed text and the date about 160.
+RECEIVED_HEADER_RESERVE = 2560
 # On SIGTERM, how long mails already in DATA may take to finish (below serve's grace time).
 SHUTDOWN_DRAIN_SECONDS = 10.0
 # Declared mail bytes (MAIL FROM's SIZE) that all sessions together may be receiving at once;
@@ -46,6 +47,11 @@ SHUTDOWN_DRAIN_SECONDS = 10.0
 # counts as UNDECLARED_SIZE.
 DATA_BUDGET_BYTES = 32 * 1024 * 1024
 UNDECLARED_SIZE = 256 * 1024
+# A DATA waits at most this long for its reservation, then is answered 452 (well within the
+# 2 minutes a client waits for the reply to DATA, RFC 5321 section 4.5.3.2).
+DATA_BUDGET_WAIT_SECONDS = 60.0
+# Data beyond a session's reservation is covered in steps of at least this much.
+BUDGET_GROWTH_BYTES = 1024 * 1024
 # A spool write larger than this closes its database connection afterwards instead of pooling
 # it: libpq keeps its send buffer at the size of the largest message it sent, so each pooled
 # connection that had carried a 20 MB mail held 20 MB for good.
@@ -64,6 +70,14 @@ _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 # A leading dot of a data line (the start of the data, or after CRLF), added by the client's
 # dot-stuffing (RFC 5321 section 4.5.2).
 _DOT_STUFFING = re.compile(rb"(?:^|(?<=\r\n))\.")
+
+
+# Enhanced status codes (RFC 3463) for aiosmtpd's replies to commands it refuses: syntax
+# error (command unrecognised, line too long), bad arguments, command not implemented or out
+# of sequence.
+_COMMAND_ERROR_CODES = {"500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1",
+                        "504": "5.5.4", "555": "5.5.4"}
+_ENHANCED = re.compile(r"\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
 
 
 class PeerLimits:
@@ -170,43 +184,69 @@ class PeerLimits:
 
 
 class DataBudget:
-    """Bytes of mail the listener may be receiving at once, over all sessions.
+    """Bytes of mail the listener may be holding at once, over all sessions.
 
-    aiosmtpd keeps a mail in memory while it arrives (about 3 times its size: a list of lines,
-    then their join), and the spool write copies it again.  Fifty clients sending a 20 MB mail
-    each took over 3 GB.  Each DATA now first reserves its declared size here (MAIL FROM's
-    SIZE, which MTAs send when SIZE is advertised; ``UNDECLARED_SIZE`` otherwise, and at most
-    the whole budget); while the budget is spent, sessions wait, first come first served,
-    before their 354, and TCP flow control holds the senders back.  Mail of ordinary size never
-    waits: the budget is many hundred times an ordinary mail.
+    aiosmtpd kept a mail in memory about 3 times over while it arrived, and the spool write
+    copies it again; fifty clients sending a 20 MB mail each took over 3 GB.  Here each DATA
+    first reserves its declared size (MAIL FROM's SIZE, which MTAs send when SIZE is
+    advertised; ``UNDECLARED_SIZE`` otherwise, and at most the whole budget) before its 354,
+    and TCP flow control holds back the senders that wait.
+
+    A declaration is only a claim: data beyond its reservation must be covered as it arrives
+    (:meth:`Reservation.cover`), or the session keeps nothing more and is told ``452`` once
+    the data has ended.  So thirty clients declaring ``SIZE=1`` and sending 20 MB each cannot
+    take more memory than the budget (they took 700 MB), and no session ever waits in the
+    middle of its data for another one, so none can deadlock.
+
+    Waiting is bounded and cannot be held up by one sender: a reservation of ordinary size
+    (up to ``UNDECLARED_SIZE``) is granted whenever it fits, even past larger ones waiting;
+    larger ones are served in turn; and whoever has waited ``wait_seconds`` is told ``452``
+    (the sender tries again later) rather than waiting behind a client that trickles a large
+    mail for as long as its idle timeout allows.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, wait_seconds: float = DATA_BUDGET_WAIT_SECONDS) -> None:
         self.limit = limit
+        self.wait_seconds = wait_seconds
         self.used = 0
         self._waiting: deque[tuple[int, asyncio.Future[None]]] = deque()
 
-    async def acquire(self, size: int) -> int:
-        """Reserve ``size`` bytes (capped to the budget), waiting for them; returns the amount
-        to :meth:`release`."""
+    async def reserve(self, size: int) -> Reservation | None:
+        """Reserve ``size`` bytes (capped to the budget), waiting at most ``wait_seconds``;
+        None if they could not be had by then."""
         size = max(0, min(size, self.limit))
-        if not self._waiting and self.used + size <= self.limit:
+        if self.used + size <= self.limit and (size <= UNDECLARED_SIZE or not self._waiting):
             self.used += size
-            return size
+            return Reservation(self, size)
         granted = asyncio.get_running_loop().create_future()
         entry = (size, granted)
         self._waiting.append(entry)
         try:
-            await granted
+            await asyncio.wait_for(asyncio.shield(granted), self.wait_seconds)
+        except TimeoutError:  # waited long enough: the sender tries again later
+            self._abandon(entry)
+            return None
         except asyncio.CancelledError:  # the client went away while waiting
-            if granted.done() and not granted.cancelled():
-                self.release(size)
-            else:
-                with contextlib.suppress(ValueError):
-                    self._waiting.remove(entry)
-                self._grant()
+            self._abandon(entry)
             raise
-        return size
+        return Reservation(self, size)
+
+    def _abandon(self, entry: tuple[int, asyncio.Future[None]]) -> None:
+        size, granted = entry
+        if granted.done() and not granted.cancelled():
+            self.release(size)  # granted just as the wait ended
+            return
+        granted.cancel()
+        with contextlib.suppress(ValueError):
+            self._waiting.remove(entry)
+        self._grant()  # a smaller one behind it may fit now
+
+    def grow(self, extra: int) -> bool:
+        """Take ``extra`` more bytes for a session already receiving, if they are free now."""
+        if self.used + extra > self.limit:
+            return False
+        self.used += extra
+        return True
 
     def release(self, size: int) -> None:
         self.used -= size
@@ -223,6 +263,43 @@ class DataBudget:
             self._waiting.popleft()
             self.used += size
             granted.set_result(None)
+
+
+class Reservation:
+    """One DATA's share of the :class:`DataBudget`."""
+
+    def __init__(self, budget: DataBudget, size: int) -> None:
+        self.budget = budget
+        self.size = size
+
+    def cover(self, total: int) -> bool:
+        """Make the reservation cover ``total`` bytes; False if the budget has no room left
+        for them (then the session must keep nothing more)."""
+        if total <= self.size:
+            return True
+        extra = max(total - self.size, BUDGET_GROWTH_BYTES)
+        if not self.budget.grow(extra):
+            return False
+        self.size += extra
+        return True
+
+    def release(self) -> None:
+        size, self.size = self.size, 0
+        if size:
+            self.budget.release(size)
+
+
+def _has_long_line(block: bytes, start: int, limit: int) -> bool:
+    """Whether a line that starts at or after ``start`` in ``block`` and ends in it (LF) is
+    longer than ``limit``.  Each step jumps to the last LF within ``limit`` bytes, so a block
+    of short lines takes a few steps per ``limit`` bytes, not one per line."""
+    end = block.rfind(b"\n")
+    while end - start > limit:
+        brk = block.rfind(b"\n", start, start + limit + 1)
+        if brk < 0:
+            return True
+        start = brk + 1
+    return False
 
 
 def declared_size(mail_options: list[str]) -> int | None:
@@ -277,6 +354,11 @@ class TicketgateSMTP(SMTP):
     async def push(self, status: Any) -> None:
         if isinstance(status, str):
             status = self._REPLY_REWRITES.get(status, status)
+            code = status[:3]
+            if code in _COMMAND_ERROR_CODES and not _ENHANCED.match(status):
+                # aiosmtpd's own refusals of commands ("503 Error: need MAIL command", "501
+                # Syntax: ..."): the enhanced code every other reply of ours carries.
+                status = f"{code}{status[3:4] or ' '}{_COMMAND_ERROR_CODES[code]} {status[4:]}"
             self._last_reply = status
         await super().push(status)
 
@@ -364,6 +446,16 @@ class TicketgateSMTP(SMTP):
         if not await self._out_of_sync("EHLO"):
             await super().smtp_EHLO(hostname)
 
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        """No STARTTLS inside TLS (RFC 3207 section 4.2).  aiosmtpd answered 220 and then
+        failed its handshake on top of the first one: the session died and each try logged a
+        traceback."""
+        if self._tls_protocol is not None:
+            await self.push("554 5.5.1 Error: TLS already active")
+            return
+        await super().smtp_STARTTLS(arg)
+
     @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg: str | None) -> None:
         """After ``max_bad_recipients`` RCPTs refused as unknown or malformed, the next RCPT
@@ -405,17 +497,21 @@ class TicketgateSMTP(SMTP):
             return
         if await self._out_of_sync("DATA"):
             return
-        reserved = 0
-        budget = self.data_budget
-        if budget is not None:
+        reservation = None
+        if self.data_budget is not None:
             size = declared_size(self.envelope.mail_options)
-            reserved = await budget.acquire(UNDECLARED_SIZE if size is None else size)
+            reservation = await self.data_budget.reserve(
+                UNDECLARED_SIZE if size is None else size)
             self._reset_timeout()  # waiting for the budget is not the client's idleness
+            if reservation is None:
+                self._set_post_data_state()
+                await self.push("452 4.3.1 Insufficient system storage, try again later")
+                return
         self._in_data = True
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")
             try:
-                content, refusal = await self._read_data()
+                content, refusal = await self._read_data(reservation)
             except asyncio.IncompleteReadError:  # the client went away mid-DATA: nothing kept
                 log.info("connection lost during DATA")
                 self._writer.close()
@@ -432,15 +528,17 @@ class TicketgateSMTP(SMTP):
             await self.push("250 OK" if status is MISSING else status)
         finally:
             self._in_data = False
-            if budget is not None and reserved:
-                budget.release(reserved)
+            if reservation is not None:
+                reservation.release()
 
-    async def _read_data(self) -> tuple[bytes | bytearray, str | None]:
+    async def _read_data(self, reservation: Reservation | None = None
+                         ) -> tuple[bytes | bytearray, str | None]:
         """The data up to CRLF.CRLF, unstuffed; or a refusal once all of it has been read.
 
         The reader is searched for ``.<CRLF>``, the end of the terminator (its CRLF before may
         be the end of the DATA line, read already); a match ends the data when the two bytes
         before it are CRLF.  A stretch without one arrives in blocks of the reader's limit.
+        What is kept must stay covered by ``reservation``.
         """
         reader = self._reader
         size_limit = self.data_size_limit
@@ -449,7 +547,7 @@ class TicketgateSMTP(SMTP):
         recent = b"\r\n"  # the last bytes seen, from the CRLF that ended the DATA line
         received = 0
         open_line = 0  # length of the line not yet ended at the end of what was read
-        too_much = too_long = False
+        too_much = too_long = no_room = False
         while True:
             try:
                 block = await reader.readuntil(b".\r\n")
@@ -467,22 +565,30 @@ class TicketgateSMTP(SMTP):
                 block = block[:-3]  # ".\r\n" ends the data; it is not part of it
             received += len(block)
             first_break = block.find(b"\n")
-            if open_line + (len(block) if first_break < 0 else first_break) > line_limit:
+            first_line = open_line + (len(block) if first_break < 0 else first_break)
+            if first_line > line_limit or (
+                    first_break >= 0 and _has_long_line(block, first_break + 1, line_limit)):
                 too_long = True
             last_break = block.rfind(b"\n")
             open_line = open_line + len(block) if last_break < 0 else len(block) - last_break - 1
             if size_limit and received > size_limit:
                 too_much = True
-            if too_much or too_long:
+            if reservation is not None and not no_room and not reservation.cover(received):
+                no_room = True
+            if too_much or too_long or no_room:
                 kept.clear()  # keep nothing of refused data, but read it to its end
             else:
                 kept += block
             if ended:
                 break
         if too_long:
-            return b"", "500 Line too long (see RFC5321 4.5.3.1.6)"
+            return b"", "500 5.5.2 Line too long (see RFC5321 4.5.3.1.6)"
         if too_much:
             return b"", "552 Error: Too much mail data"
+        if no_room:
+            log.warning("%r: data past its declared size and no room left; answered 452",
+                        self.session.peer)
+            return b"", "452 4.3.1 Insufficient system storage, try again later"
         if kept.startswith(b".") or b"\r\n." in kept:
             return _DOT_STUFFING.sub(b"", kept), None
         return kept, None  # not copied to bytes: a 20 MB mail would be held twice
@@ -618,7 +724,7 @@ class SpoolingHandler:
         if allow_message is not None and not allow_message():
             log.info("%r over the message rate: deferring", session.peer)
             return "451 4.7.1 Too many messages from your address, try again later"
-        envelope.mail_from = address
+        envelope.mail_from = address  # "<>" for the null sender: aiosmtpd needs it non-empty
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"
 
@@ -645,11 +751,13 @@ class SpoolingHandler:
                 mailboxes.append(box.id)
         queue_id = secrets.token_hex(6)
         peer_ip = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
-        raw = self._received_header(session, envelope, peer_ip, queue_id) + content
+        reverse_path = _reverse_path(envelope.mail_from or "")
+        raw = (_return_path_header(reverse_path)
+               + self._received_header(session, envelope, peer_ip, queue_id) + content)
         # From here on the stored bytes are the only copy the listener holds.
         del content
         envelope.content = envelope.original_content = None
-        spool_envelope = SpoolEnvelope(mail_from=envelope.mail_from,
+        spool_envelope = SpoolEnvelope(mail_from=reverse_path,
                                        rcpt_to=list(envelope.rcpt_tos),
                                        client_ip=peer_ip, helo=_stored_helo(session.host_name))
         source = f"smtp {peer_ip} {queue_id}"
@@ -670,16 +778,59 @@ class SpoolingHandler:
 
     def _received_header(self, session: Session, envelope: Envelope, peer_ip: str,
                          queue_id: str) -> bytes:
-        protocol = "ESMTPS" if session.ssl else ("ESMTP" if session.extended_smtp else "SMTP")
-        helo = _escape_controls(_text(session.host_name) or "unknown")[:200]
+        """The trace line of RFC 5321 section 4.4, with the protocol names of RFC 3848 and
+        RFC 6531 (``UTF8SMTPS`` for a transaction with SMTPUTF8 over TLS)."""
+        protocol = "ESMTP" if session.extended_smtp else "SMTP"
+        if getattr(envelope, "smtp_utf8", False):
+            protocol = "UTF8SMTP"
+        if session.ssl:
+            protocol += "S"
         rcpt = envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None
         header = (
-            f"Received: from {helo} ([{peer_ip}])\r\n"
+            f"Received: from {_received_from(session.host_name, peer_ip)}\r\n"
             f"\tby {self.settings.smtp.hostname} (ticketgate) with {protocol} id {queue_id}"
             + (f"\r\n\tfor <{_bare(rcpt)}>" if rcpt else "")
             + f"; {formatdate(usegmt=True)}\r\n"
         )
         return header.encode("utf-8", "replace")
+
+
+def _reverse_path(address: str) -> str:
+    """MAIL FROM's address without its angle brackets; ``""`` for the null sender ``<>``,
+    which aiosmtpd passes on as the string ``"<>"`` (stored so, a bounce's sender became the
+    address ``<>``)."""
+    return address.strip().removeprefix("<").removesuffix(">").strip()
+
+
+def _return_path_header(reverse_path: str) -> bytes:
+    """The ``Return-Path`` that final delivery adds (RFC 5321 section 4.4): the envelope
+    sender, ``<>`` for a bounce.  Bounce and auto-reply detection reads it, as it does in mail
+    fetched over IMAP, where the delivering MTA added it; without it, a bounce sent to the
+    listener with ``MAIL FROM:<>`` opened a ticket."""
+    return f"Return-Path: <{reverse_path}>\r\n".encode()
+
+
+# A HELO argument that RFC 5321 allows in a Received line's From-domain: a domain, or an
+# address literal.  Anything else is written as a comment.
+_HELO_DOMAIN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+                          r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.?")
+_HELO_LITERAL = re.compile(r"\[(?:IPv6:[0-9A-Fa-f:.]+|[0-9.]+)\]")
+
+
+def _received_from(helo: str | None, peer_ip: str) -> str:
+    """``helo ([ip])`` when HELO is a domain or an address literal; otherwise ``unknown
+    ([ip] helo=...)`` with HELO in a comment, so that a client cannot write a second host and
+    date into our own trace line (``EHLO a.example ([8.8.8.8]) by mx.google.com ...``).  IPv6
+    addresses are written as RFC 5321 literals, ``[IPv6:...]``."""
+    ip = peer_ip.split("%", 1)[0]
+    literal = f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
+    name = _escape_controls(_text(helo) or "")[:200]
+    if name and (_HELO_DOMAIN.fullmatch(name) or _HELO_LITERAL.fullmatch(name)):
+        return f"{name} ({literal})"
+    if not name:
+        return f"unknown ({literal})"
+    quoted = re.sub(r"([()\\])", r"\\\1", name[:100])  # quoted-pairs keep it closed
+    return f"unknown ({literal} helo={quoted})"
 
 
 def _bare(address: str) -> str:
@@ -783,7 +934,7 @@ async def serve_smtp(ingestor: Ingestor, enqueue: Any, *, host: str | None = Non
             enable_SMTPUTF8=True,
             decode_data=False,
             tls_context=context,
-            require_starttls=settings.smtp.require_starttls and context is not None,
+            require_starttls=settings.smtp.require_starttls,  # with TLS: the config checks
             timeout=settings.smtp.timeout,
             auth_exclude_mechanism=["LOGIN", "PLAIN"],  # an MX takes no logins
         )

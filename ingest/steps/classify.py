@@ -94,8 +94,16 @@ def _strip_reply_prefix(subject: str) -> str:
     return re.sub(r"^((re|aw|fw|fwd|sv|wg)\s*:\s*)+", "", subject.strip(), flags=re.I)
 
 
+def _envelope_sender(msg: Message) -> str | None:
+    """The topmost Return-Path: the one final delivery added (the SMTP listener's own, or the
+    delivering MTA's for mail fetched over IMAP).  Any below it came from earlier hops or from
+    the sender, and do not say who the envelope sender was."""
+    value = msg.get("Return-Path")
+    return None if value is None else str(value).strip()
+
+
 def _null_return_path(msg: Message) -> bool:
-    return any(str(v).strip() in ("<>", "") for v in msg.get_all("Return-Path", []))
+    return _envelope_sender(msg) in ("<>", "")
 
 
 def _is_bounce_mailbox(name: str, address: str) -> bool:
@@ -117,11 +125,8 @@ def _bounce_sender(msg: Message, mail: ParsedMail) -> str | None:
 
 def _bounce_return_path(msg: Message) -> bool:
     """An envelope sender of MAILER-DAEMON@host: some MTAs use it instead of the null sender."""
-    for value in msg.get_all("Return-Path", []):
-        _name, address = parseaddr(str(value))
-        if address and _is_bounce_mailbox("", address):
-            return True
-    return False
+    _name, address = parseaddr(_envelope_sender(msg) or "")
+    return bool(address) and _is_bounce_mailbox("", address)
 
 
 def _part_types(msg: Message) -> set[str]:

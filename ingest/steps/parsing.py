@@ -35,8 +35,11 @@ def parse(ctx: MailContext) -> Outcome | None:
     name, address = mail.from_name, mail.from_address
     if ctx.settings.service.sender_address == "reply-to" and mail.reply_to:
         name, address = mail.reply_to[0]
-    if not address and ctx.inbound.envelope_from:
-        address = ctx.inbound.envelope_from
+    # MAIL FROM, where the mail came over SMTP; records spooled before the listener stored the
+    # null sender as "" hold "<>".
+    envelope_from = (ctx.inbound.envelope_from or "").strip().removeprefix("<").removesuffix(">")
+    if not address and envelope_from:
+        address = envelope_from
     ctx.sender_email = address.strip().lower()
     ctx.sender_name = name.strip()
     ctx.trace.add(
