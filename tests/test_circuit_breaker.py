@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
+from typer.testing import CliRunner
 
 from ingest.config import load_settings
 from ingest.models import InboundMail, Message, Ticket
@@ -23,6 +24,7 @@ from ingest.service import Ingestor
 from ingest.spool import Envelope
 from ingest.steps.circuit_breaker import subject_key
 from ingest.ticketinfo import TicketInfo
+from workers import cli
 
 ROUNDS = 200
 BASE = """
@@ -206,7 +208,8 @@ def test_counts_come_from_the_database_so_all_workers_share_them(
     assert [r.Action for r in results] == ["created"] * 3 + ["quarantined"] * 3
 
 
-def test_quarantine_replay_releases_a_held_mail(make: Callable[..., Ingestor]) -> None:
+def test_quarantine_replay_releases_a_held_mail(make: Callable[..., Ingestor], tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     ing = make("per_sender_subject_max = 1")
     first = ing.ingest(autoresponder_mail(1, "a@b.test", "c@d.test", "Same", None), 1,
                        door="smtp")
@@ -214,6 +217,14 @@ def test_quarantine_replay_releases_a_held_mail(make: Callable[..., Ingestor]) -
                       door="smtp")
     assert first.Action == "created" and held.Action == "quarantined"
     assert "on this subject" in (held.Reason or "")
+    # The list says why: a hold has a reason and no error (its column was empty).
+    monkeypatch.setenv("TICKETGATE_DATABASE_URL", str(ing.engine.url))
+    listed = CliRunner().invoke(cli.app, ["quarantine", "list", "--config",
+                                          str(tmp_path / "ticketgate-0.toml")],
+                                env={"COLUMNS": "300"})
+    assert listed.exit_code == 0, listed.output
+    (line,) = [row for row in listed.stdout.splitlines() if f" {held.InboundId} " in row]
+    assert "circuit breaker" in line, listed.stdout
     released = ing.replay_quarantined(held.InboundId or 0)
     assert released.Action == "created"
 

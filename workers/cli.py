@@ -338,14 +338,19 @@ def check_health(
 def quarantine_list(config: ConfigOption = None) -> None:
     """Quarantined mails, oldest first."""
     ingestor = _ingestor(config)
-    table = Table("id", "received (UTC)", "mailbox", "door", "source", "error")
+    table = Table("id", "received (UTC)", "mailbox", "door", "source", "why")
     with ingestor.session() as session:
-        rows = session.scalars(
-            select(InboundMail).where(InboundMail.state == "quarantined").order_by(InboundMail.id)
+        rows = session.execute(  # not the raw bytes: the list may be long
+            select(InboundMail.id, InboundMail.received_at, InboundMail.mailbox_id,
+                   InboundMail.door, InboundMail.source, InboundMail.error, InboundMail.reason)
+            .where(InboundMail.state == "quarantined").order_by(InboundMail.id)
         )
         for row in rows:
+            # A step that failed has its error; a policy hold (DMARC, circuit breaker) has
+            # only its reason.
+            why = row.error or row.reason or ""
             table.add_row(str(row.id), row.received_at.strftime("%Y-%m-%d %H:%M:%S"),
-                          str(row.mailbox_id), row.door, row.source[:40], (row.error or "")[:80])
+                          str(row.mailbox_id), row.door, row.source[:40], why[:80])
     Console().print(table)
 
 
