@@ -15,8 +15,13 @@ Redis from ``tests/services.py`` on free ports; never the machine's own 5432/637
 * ``sustain``: paced below the rate the workers committed at peak (latency when not saturated);
 * ``stages``: spool, publish and process in this process, per-stage thread CPU time (robust
   against other load on the machine);
-* ``profile``: the peak run again under ``py-spy record`` (listener and worker processes);
+* ``profile``: the peak run again under ``py-spy record`` (listener and worker processes;
+  ``--profile-rate`` paces it instead);
 * ``big``: M concurrent mails of S MB each, listener RSS high-water mark (VmHWM).
+
+After ``peak``, mail-parser alone parses the same mails in this process, and the summary sets
+the run's CPU per mail against the budget that keeping pace at 60% of the bare fsync'd rate
+leaves on this machine's cores (``budget``).
 
 The machine is shared, so each run first waits (``--quiet-wait``) for the CPUs to be mostly
 idle and records how busy they were, and CPU seconds per component are reported beside rates.
@@ -1094,6 +1099,53 @@ def run_stages(services: Services, workdir: Path, mails: list[Mail]) -> dict[str
 # --- markdown -----------------------------------------------------------------------------------
 
 
+def parser_alone(mails: list[Mail]) -> dict[str, float]:
+    """CPU per mail of mail-parser alone (``parse_from_bytes``) on the run's own mails, in this
+    process: the least any worker built on it spends, against which ``budget`` sets the rest."""
+    import mailparser
+
+    for mail in mails[:WARMUP_MAILS]:
+        mailparser.parse_from_bytes(mail.raw)
+    best = math.inf
+    for _ in range(3):  # the least of three: other processes only ever add to it
+        started = time.process_time()
+        for mail in mails:
+            mailparser.parse_from_bytes(mail.raw)
+        best = min(best, time.process_time() - started)
+    return {"mailparser_cpu_ms_per_mail": round(1000 * best / len(mails), 3)}
+
+
+def budget(report: dict[str, Any]) -> dict[str, Any] | None:
+    """The machine's CPU per mail that accepting at 60% of the bare fsync'd rate leaves, if the
+    workers are to keep pace with it, beside what this run measured.
+
+    At a steady state the machine spends (CPU per mail) x (mails per second) of its cores'
+    time, so keeping pace at ``rate`` needs at most ``cores / rate`` per mail for everything:
+    the benchmark's own client, the listener, the workers and the database.  The floor of any
+    design is the bare handler's own cost (client and listener) plus mail-parser's parse."""
+    runs = report.get("runs", {})
+    ours, fsync = runs.get("peak_ticketgate"), runs.get("peak_bare-fsync")
+    parse = report.get("parser_alone", {}).get("mailparser_cpu_ms_per_mail")
+    if not ours or not fsync or parse is None:
+        return None
+    cores = report["cpus"]
+    rate = 0.6 * fsync["accepted_per_s"]
+    allowed = 1000 * cores / rate
+    bare = fsync["cpu_ms_per_mail"]
+    bare_cost = bare["listener"] + bare.get("client", 0.0)
+    spent = ours["cpu_ms_per_mail"]
+    return {
+        "cores": cores, "rate_60pct_of_bare_fsync": round(rate, 1),
+        "machine_cpu_ms_per_mail_allowed": round(allowed, 2),
+        "bare_fsync_listener_and_client_ms": round(bare_cost, 2),
+        "mailparser_alone_ms": parse,
+        "left_for_spool_worker_and_database_ms": round(allowed - bare_cost - parse, 2),
+        "ticketgate_machine_ms": spent["machine"],
+        "ticketgate_ms": {k: v for k, v in spent.items() if k != "machine"},
+        "ticketgate_beyond_bare_and_parse_ms": round(spent["machine"] - bare_cost - parse, 2),
+    }
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = ["| run | accepted/s | committed/s while sending | backlog max / at last 250 | "
              "drain after last 250 | 250->committed p50 / p99 | DATA->250 p50 / p99 | "
@@ -1130,6 +1182,18 @@ def markdown(report: dict[str, Any]) -> str:
                      if "listener-compare" in r else "")
             lines.append(f"| {i} | {r['bare-fsync']['accepted_per_s']} | "
                          f"{r['listener']['accepted_per_s']} | {r['ratio']} |{extra}")
+    cpu = budget(report)
+    if cpu:
+        lines += ["", f"CPU budget: keeping pace at 60% of the bare fsync'd rate "
+                  f"({cpu['rate_60pct_of_bare_fsync']}/s) on {cpu['cores']} cores allows "
+                  f"{cpu['machine_cpu_ms_per_mail_allowed']} ms of machine CPU per mail; the bare "
+                  f"handler and its client take {cpu['bare_fsync_listener_and_client_ms']} ms, "
+                  f"mail-parser alone {cpu['mailparser_alone_ms']} ms, leaving "
+                  f"{cpu['left_for_spool_worker_and_database_ms']} ms for the spool, the worker's "
+                  f"other work and the database. ticketgate spent "
+                  f"{cpu['ticketgate_machine_ms']} ms at its peak "
+                  f"({cpu['ticketgate_beyond_bare_and_parse_ms']} ms beyond the bare handler and "
+                  f"the parse)."]
     targets = report.get("targets", {})
     if targets:
         lines += ["", "| target | value | met |", "|---|---|---|"]
@@ -1202,6 +1266,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accept-n", type=int, default=1000)
     parser.add_argument("--compare-code-dir", type=Path,
                         help="'accept' also runs the listener from this tree (before/after)")
+    parser.add_argument("--profile-rate", type=float, help="mails/s for 'profile' (default: "
+                        "as fast as the server answers)")
     parser.add_argument("--sustain-rate", type=float, help="mails/s for 'sustain' (default: "
                         "80%% of the committed/s measured in 'peak')")
     parser.add_argument("--sustain-n", type=int, default=800)
@@ -1241,6 +1307,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def save() -> None:
         report["targets"] = targets(report)
+        report["cpu_budget"] = budget(report)
         out_json.write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
         (RESULTS / f"smtp_bench-{args.tag}.md").write_text(markdown(report), encoding="utf-8")
 
@@ -1266,6 +1333,8 @@ def main(argv: list[str] | None = None) -> int:
                 system.stop()
                 system = None
                 save()
+            report["parser_alone"] = parser_alone(mails)
+            save()
             peak = report["runs"]
             for ours_name, bare in itertools.product(("ticketgate", "ticketgate-listener-only"),
                                                      ("bare-list", "bare-fsync")):
@@ -1358,7 +1427,8 @@ def main(argv: list[str] | None = None) -> int:
             system = tg("tg_profile")
             profile_dir = RESULTS / f"profile-{args.tag}"
             profile_dir.mkdir(exist_ok=True)
-            run = run_stream(system, services, mails, args.clients, None, "profile_ticketgate",
+            run = run_stream(system, services, mails, args.clients, args.profile_rate,
+                             "profile_ticketgate",
                              profile_dir=profile_dir)
             report["runs"]["profile_ticketgate"] = {k: v for k, v in run.items()
                                                     if k != "timeline"}
