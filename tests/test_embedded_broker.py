@@ -18,8 +18,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, make_url, text
 
 from tests.roles import stop_celery_worker
+from tests.tcpgate import TcpGate
 
 REPO = Path(__file__).resolve().parent.parent
 PROCESSES = 8
@@ -156,3 +158,45 @@ def test_beat_sends_sweeps_again_after_the_broker_failed_it(tmp_path: Path) -> N
         holder.close()
         after = _sweeps(log)
         _wait_for_sweeps(log, after + 2, 60)
+
+
+@pytest.mark.timeout(180)
+def test_a_worker_started_before_its_database_is_reachable_waits_for_it(
+        tmp_path: Path, fresh_postgres_url: str) -> None:
+    """A database that is down when ``ticketgate worker`` starts only delays the pipeline to
+    the first task (README).  The worker exited with the OperationalError instead, so one
+    started by compose or systemd before its PostgreSQL stayed down."""
+    real = make_url(fresh_postgres_url)
+    gate = TcpGate(real.host or "127.0.0.1", real.port or 5432)  # refuses until opened
+    env = _site(tmp_path, "[worker]\nconcurrency = 1\n")
+    env["TICKETGATE_DATABASE_URL"] = real.set(host="127.0.0.1", port=gate.port).render_as_string(
+        hide_password=False)
+    log = tmp_path / "worker.log"
+    worker = subprocess.Popen([sys.executable, "-m", "workers.cli", "worker", "--pool", "solo"],
+                              env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                              stderr=open(log, "wb"))  # noqa: SIM115
+    try:
+        deadline = time.monotonic() + 60
+        while "ready." not in log.read_text(errors="replace"):
+            assert worker.poll() is None, log.read_text(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.2)
+        assert "database not reachable at start" in log.read_text(errors="replace")
+        gate.open()
+        subprocess.run([sys.executable, "-c", _SEND_EACH_ALONE, "3"], env=env, cwd=tmp_path,
+                       check=True, timeout=60)
+        engine = create_engine(fresh_postgres_url)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                with engine.connect() as connection:
+                    tickets = connection.execute(text("SELECT count(*) FROM tickets")).scalar()
+                if tickets == 3:
+                    break
+                assert time.monotonic() < deadline, _first_error(log)
+                time.sleep(0.3)
+        finally:
+            engine.dispose()
+    finally:
+        stop_celery_worker(worker)
+        gate.close()

@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 
 from ingest import schema
 from ingest.config import Settings, load_settings
@@ -217,7 +218,12 @@ def worker(
     # A receiver tells Celery that logging is configured: it adds no handlers of its own (they
     # would print Celery-format lines in between the JSON ones).
     setup_logging.connect(lambda **_: None, weak=False, dispatch_uid="ticketgate-logging")
-    runtime.ingestor()  # schema upgrade and reference data before the first task
+    try:
+        runtime.ingestor()  # schema upgrade and reference data before the first task
+    except DBAPIError as exc:  # the database is down: the first task builds it, as tasks retry
+        logging.getLogger("ticketgate.worker").warning(
+            "database not reachable at start (%s); the pipeline is built on the first task",
+            str(exc).splitlines()[0])
     metrics.start_worker_server(settings)  # before the pool forks
     argv = ["worker", "--loglevel", "INFO", "--pool", pool,
             "--concurrency", str(concurrency or settings.worker.concurrency),
