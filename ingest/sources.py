@@ -56,15 +56,40 @@ def _from_maildir(path: Path) -> Iterator[SourceItem]:
 
 
 def _from_mbox(path: Path) -> Iterator[SourceItem]:
-    box = mailbox.mbox(path, factory=None, create=False)
+    """The mails of an mbox, split only at separator lines: ``_MBOX_SEPARATOR`` at the start of
+    the file or after an empty line.
+
+    ``mailbox.mbox`` splits at every line that starts with ``From ``, and mboxo writers (and
+    many hand-made files) leave a body line such as ``From my phone`` unescaped: one mail
+    became two tickets, the first cut short.  The bytes of each mail are the ones
+    ``mailbox.mbox`` gave for it otherwise (the separator line left out, and an empty LF line
+    before the next separator or the end), so a mail without a Message-ID, known by its
+    bytes' hash, is still a duplicate of the one an earlier replay stored."""
+    index = 0
+    lines: list[bytes] = []
     try:
-        for index, key in enumerate(box.iterkeys(), start=1):
-            try:
-                yield SourceItem(f"{path}#{index}", box.get_bytes(key, from_=False))
-            except (OSError, KeyError) as exc:
-                yield SourceItem(f"{path}#{index}", error=f"unreadable: {exc}")
-    finally:
-        box.close()
+        with path.open("rb") as fh:
+            previous_blank = True
+            for line in fh:
+                if previous_blank and _MBOX_SEPARATOR.match(line):
+                    if index:
+                        yield SourceItem(f"{path}#{index}", _mbox_message(lines))
+                    index += 1
+                    lines = []
+                else:
+                    lines.append(line)
+                previous_blank = line in (b"\n", b"\r\n")
+    except OSError as exc:
+        yield SourceItem(f"{path}#{index or 1}", error=f"unreadable: {exc.strerror or exc}")
+        return
+    if index:
+        yield SourceItem(f"{path}#{index}", _mbox_message(lines))
+
+
+def _mbox_message(lines: list[bytes]) -> bytes:
+    if lines and lines[-1] == b"\n":
+        lines.pop()
+    return b"".join(lines)
 
 
 def _from_file(path: Path) -> Iterator[SourceItem]:
