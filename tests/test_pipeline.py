@@ -290,6 +290,21 @@ def test_unknown_sender_policy_per_mailbox(ing: Ingestor) -> None:
     assert known.Action == "created"
 
 
+def test_an_address_longer_than_mail_allows_is_no_person(ing: Ingestor) -> None:
+    """A From (or Cc) past RFC 5321's 254 characters: the ticket is made, from an unknown
+    sender.  On PostgreSQL the person's insert failed and the mail was quarantined, again at
+    every replay."""
+    long_from = "a" * 400 + "@customer.example"
+    long_cc = "b" * 300 + "@customer.example"
+    info = ing.ingest(mail(sender=long_from, message_id="long-from@x", Cc=long_cc), 1)
+    assert info.Action == "created", info
+    with ing.session() as s:
+        emails = list(s.scalars(select(Person.email)))
+        message = s.scalars(select(Message)).one()
+    assert long_from not in emails and long_cc not in emails
+    assert message.from_address == long_from[:320]
+
+
 def test_company_by_domain_and_secondary_persons(ing: Ingestor) -> None:
     info = ing.ingest(mail(sender="New Person <new@mail.techcorp.com>",
                            Cc="Peter <peter@techcorp.com>, support@example.com"), 1)

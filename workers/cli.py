@@ -70,7 +70,7 @@ def _ingestor(config: Path | None) -> Ingestor:
 
 def _summary(label: str, info: TicketInfo) -> str:
     ticket = f"ticket {info.TicketId}" if info.TicketId else "no ticket"
-    extra = info.Reason or info.Title or ""
+    extra = " ".join((info.Reason or info.Title or "").split())  # one line, whatever the error
     threaded = f" by {info.ThreadedBy}" if info.ThreadedBy else ""
     return f"{label}\t{info.Action}\t{ticket}{threaded}\t{extra}"
 

@@ -21,6 +21,19 @@ _PERSONS_BY_EMAIL = select(Person).options(joinedload(Person.contact)).where(
     Person.email.in_(bindparam("emails", expanding=True)))
 
 
+# The longest address a mail can be sent to: RFC 5321's path limit of 256 octets, less its
+# angle brackets (section 4.5.3.1.3).
+MAX_ADDRESS_LENGTH = 254
+
+
+def could_be_a_mailbox(address: str) -> bool:
+    """Whether ``address`` can be a person's: it has a domain and is no longer than any address
+    mail can reach.  A hostile From of 400 characters made the person's insert fail on
+    PostgreSQL (``varchar(320)``), so the mail was quarantined, again at every replay, while
+    SQLite stored it; now it is a mail from an unknown sender, as one with no address."""
+    return "@" in address and len(address) <= MAX_ADDRESS_LENGTH
+
+
 def normalize_address(address: str) -> str:
     """Lower-cased bare address; the display name and angle brackets removed.
 
@@ -111,7 +124,7 @@ def find_or_create_person(
         person = session.scalar(_PERSON_BY_EMAIL, {"email": address})
         if person is not None:
             seen[address] = person
-    if person is not None or not create or "@" not in address:
+    if person is not None or not create or not could_be_a_mailbox(address):
         return person, False
     first, last = split_name(display, address)
     contact = contact_for_domain(session, address.rpartition("@")[2], known_domains)
