@@ -22,7 +22,7 @@ from sqlalchemy import select
 
 from ingest.db import make_engine
 from ingest.models import InboundMail, Ticket
-from workers.supervisor import GRACE_SECONDS
+from workers.supervisor import GRACE_SECONDS, descendants
 
 READY_TIMEOUT_S = 60.0
 TICKET_TIMEOUT_S = 20.0
@@ -160,3 +160,85 @@ def test_kill_tree_reaches_grandchildren() -> None:
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def alive(pids: list[int]) -> list[int]:
+    """The ones of ``pids`` still running (zombies count as gone)."""
+    left = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            left.append(pid)
+    return left
+
+
+def start_serve(tmp_path: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    log = tmp_path / "serve.log"
+    smtp_port, http_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TICKETGATE_")}
+    env.update(TICKETGATE_SMTP_PORT=str(smtp_port), TICKETGATE_HTTP_PORT=str(http_port),
+               PYTHONUNBUFFERED="1")
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "workers.cli", "serve"], cwd=workdir,
+                                env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    wait_smtp(smtp_port, proc, log)
+    return proc, smtp_port, log
+
+
+def wait_gone(pids: list[int], seconds: float) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while (left := alive(pids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_a_killed_serve_takes_its_roles_with_it(tmp_path: Path) -> None:
+    """SIGKILL (or the OOM killer) gives ``serve`` no time to stop its roles.  They lived on
+    under init, holding the SMTP and HTTP ports, so the next ``serve`` could not bind them;
+    now each role is sent SIGTERM when ``serve`` dies, and stops as it does on SIGTERM."""
+    proc, smtp_port, log = start_serve(tmp_path)
+    try:
+        roles = descendants(proc.pid)
+        assert len(roles) >= 3, roles  # smtp, worker (and its pool and beat), api
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        left = wait_gone(roles, GRACE_SECONDS + 10)
+        assert not left, (left, group_members(proc.pid), log.read_text()[-3000:])
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", smtp_port), timeout=2).close()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_a_killed_worker_leaves_no_beat_behind(tmp_path: Path) -> None:
+    """The worker role's embedded beat outlived a SIGKILL of the worker, and the worker that
+    serve started in its place added a second beat: two sweeps at every interval."""
+    proc, _smtp_port, log = start_serve(tmp_path)
+    try:
+        workers = [pid for pid in descendants(proc.pid)
+                   if b"worker" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                   and int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                   == proc.pid]
+        assert len(workers) == 1, workers
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while len(below := descendants(workers[0])) < 2:  # its pool and its beat
+            assert time.monotonic() < deadline, (below, log.read_text()[-3000:])
+            time.sleep(0.2)
+        os.kill(workers[0], signal.SIGKILL)
+        left = wait_gone(below, 15)
+        assert not left, (left, log.read_text()[-3000:])
+        assert proc.poll() is None  # serve goes on, and starts the worker again
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)

@@ -29,6 +29,7 @@ from sqlalchemy.pool import NullPool
 
 from ingest.errors import ParentPending, TransientError
 from workers import metrics, runtime
+from workers.supervisor import die_with_parent
 
 log = logging.getLogger("ticketgate.tasks")
 
@@ -187,6 +188,14 @@ def _load_pipeline(**_kwargs: Any) -> None:
 @signals.worker_process_init.connect
 def _adopt_ingestor(**_kwargs: Any) -> None:
     runtime.adopt_after_fork()
+
+
+@signals.beat_embedded_init.connect
+def _beat_dies_with_its_worker(**_kwargs: Any) -> None:
+    """The embedded beat (``worker --beat``) is a child of the worker's main process; when that
+    was killed, the beat lived on under init, and the worker started again in its place added a
+    second beat: two sweeps at every interval."""
+    die_with_parent()
 
 
 @app.task(bind=True, name=PROCESS_TASK, max_retries=None)

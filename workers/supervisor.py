@@ -7,6 +7,8 @@ or SIGINT is passed on to every child, which stop accepting and finish in-flight
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import os
 import signal
@@ -30,8 +32,31 @@ class Child:
     next_start: float = field(default=0.0)
 
     def start(self, env: dict[str, str]) -> None:
-        self.process = subprocess.Popen(self.argv, env=env)
+        self.process = subprocess.Popen(
+            self.argv, env=env, preexec_fn=functools.partial(die_with_parent, os.getpid()))
         log.info("started %s (pid %s)", self.name, self.process.pid)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent: int | None = None, signum: int = signal.SIGTERM) -> None:
+    """Have Linux send this process ``signum`` when its parent dies (``PR_SET_PDEATHSIG``).
+
+    A ``serve`` killed with SIGKILL (or by the OOM killer) left its roles running under init,
+    still holding the SMTP and HTTP ports, so the next ``serve`` could not bind them; a worker
+    killed so left its embedded beat, and the restarted worker added a second one.  SIGTERM is
+    the signal each role already stops cleanly on.  ``parent``: the pid the parent had before
+    the fork; if it is already gone, the signal comes at once.  A no-op where there is no prctl.
+    """
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return
+    if prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
+        return
+    if parent is not None and os.getppid() != parent:
+        os.kill(os.getpid(), signum)
 
 
 def role_command(role: str, *args: str) -> list[str]:
