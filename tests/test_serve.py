@@ -70,8 +70,22 @@ def wait_smtp(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
         time.sleep(0.2)
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
-def test_serve_default_mode_end_to_end(tmp_path: Path) -> None:
+def alive(pids: list[int]) -> list[int]:
+    """The ones of ``pids`` still running (zombies count as gone)."""
+    left = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            left.append(pid)
+    return left
+
+
+def start_serve(tmp_path: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
+    """``serve`` with no configuration in ``tmp_path/cwd``, its SMTP port answering; the
+    process, that port and its log."""
     workdir = tmp_path / "cwd"
     workdir.mkdir()
     log = tmp_path / "serve.log"
@@ -83,8 +97,22 @@ def test_serve_default_mode_end_to_end(tmp_path: Path) -> None:
         proc = subprocess.Popen([sys.executable, "-m", "workers.cli", "serve"], cwd=workdir,
                                 env=env, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
+    wait_smtp(smtp_port, proc, log)
+    return proc, smtp_port, log
+
+
+def wait_gone(pids: list[int], seconds: float) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while (left := alive(pids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_serve_default_mode_end_to_end(tmp_path: Path) -> None:
+    proc, smtp_port, log = start_serve(tmp_path)
+    workdir = tmp_path / "cwd"
     try:
-        wait_smtp(smtp_port, proc, log)
         msg = (b"From: Jane Doe <jane@customer.example>\r\nTo: anyone@anywhere.example\r\n"
                b"Subject: My printer is on fire\r\nMessage-ID: <serve-1@customer.example>\r\n"
                b"\r\nPlease send help.\r\n")
@@ -160,42 +188,6 @@ def test_kill_tree_reaches_grandchildren() -> None:
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-
-
-def alive(pids: list[int]) -> list[int]:
-    """The ones of ``pids`` still running (zombies count as gone)."""
-    left = []
-    for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            left.append(pid)
-    return left
-
-
-def start_serve(tmp_path: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
-    workdir = tmp_path / "cwd"
-    workdir.mkdir()
-    log = tmp_path / "serve.log"
-    smtp_port, http_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TICKETGATE_")}
-    env.update(TICKETGATE_SMTP_PORT=str(smtp_port), TICKETGATE_HTTP_PORT=str(http_port),
-               PYTHONUNBUFFERED="1")
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "workers.cli", "serve"], cwd=workdir,
-                                env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    wait_smtp(smtp_port, proc, log)
-    return proc, smtp_port, log
-
-
-def wait_gone(pids: list[int], seconds: float) -> list[int]:
-    deadline = time.monotonic() + seconds
-    while (left := alive(pids)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return left
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
