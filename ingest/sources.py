@@ -56,29 +56,28 @@ def _from_maildir(path: Path) -> Iterator[SourceItem]:
 
 
 def _from_mbox(path: Path) -> Iterator[SourceItem]:
-    """The mails of an mbox, split only at separator lines: ``_MBOX_SEPARATOR`` at the start of
-    the file or after an empty line.
+    """The mails of an mbox, split only at separator lines (``_MBOX_SEPARATOR``: ``From ``, the
+    sender and an asctime date).
 
     ``mailbox.mbox`` splits at every line that starts with ``From ``, and mboxo writers (and
     many hand-made files) leave a body line such as ``From my phone`` unescaped: one mail
     became two tickets, the first cut short.  The bytes of each mail are the ones
     ``mailbox.mbox`` gave for it otherwise (the separator line left out, and an empty LF line
     before the next separator or the end), so a mail without a Message-ID, known by its
-    bytes' hash, is still a duplicate of the one an earlier replay stored."""
+    bytes' hash, is still a duplicate of the one an earlier replay stored.  (A separator is not
+    required to follow an empty line: files joined with ``cat`` often lack it.)"""
     index = 0
     lines: list[bytes] = []
     try:
         with path.open("rb") as fh:
-            previous_blank = True
             for line in fh:
-                if previous_blank and _MBOX_SEPARATOR.match(line):
+                if _MBOX_SEPARATOR.match(line):
                     if index:
                         yield SourceItem(f"{path}#{index}", _mbox_message(lines))
                     index += 1
                     lines = []
                 else:
                     lines.append(line)
-                previous_blank = line in (b"\n", b"\r\n")
     except OSError as exc:
         yield SourceItem(f"{path}#{index or 1}", error=f"unreadable: {exc.strerror or exc}")
         return

@@ -948,6 +948,31 @@ def test_ordinary_mail_is_not_held_behind_a_large_one_waiting_for_room(main: Sit
                 conn.close()
 
 
+def test_refused_data_takes_no_room_while_it_is_read(main: Site) -> None:
+    """Data refused as too long (a line past 64 KiB) or too large is read to its end and kept
+    nowhere; it took room all the same, so one client sending more than the budget held every
+    other large mail off until it stopped."""
+    line = b"r" * 76 + b"\r\n"
+    refused = open_data(main, b"refused-data@example.org", None)
+    waiting = None
+    try:
+        assert refused.reply()[0] == 354
+        refused.send(make_mail("over-long line first") + b"x" * (70 * 1024) + b"\r\n"
+                     + line * (34 * 1024 * 1024 // len(line)))  # more than the whole budget
+        waiting = open_data(main, b"large-after-refused@example.org", 25_000_000)
+        waiting.sock.settimeout(10)
+        assert waiting.reply()[0] == 354
+        waiting.send(make_mail("large, while refused data streams") + b".\r\n")
+        assert waiting.reply()[0] == 250
+        refused.send(b".\r\n")
+        code, lines = refused.reply()
+        assert (code, lines[0].split()[0]) == (500, b"5.5.2"), lines
+    finally:
+        for conn in (refused, waiting):
+            if conn is not None:
+                conn.close()
+
+
 # --- broken clients ---------------------------------------------------------------------------
 
 

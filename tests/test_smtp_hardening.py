@@ -628,6 +628,29 @@ def test_data_budget_waits_a_bounded_time_and_growth_never_waits() -> None:
         granted.release()
         assert budget.used == 0
 
+        # Ordinary size queued behind a large waiter is served as soon as it fits.
+        first = await budget.reserve(4 * MiB)
+        second = await budget.reserve(3 * MiB + 900 * 1024)
+        assert first is not None and second is not None
+        large = asyncio.create_task(budget.reserve(6 * MiB))
+        await asyncio.sleep(0.01)
+        queued = asyncio.create_task(budget.reserve(256 * 1024))  # no room, behind the large
+        await asyncio.sleep(0.01)
+        assert not large.done() and not queued.done()
+        second.release()  # room for the small one, not for the large one
+        small = await asyncio.wait_for(queued, 1)
+        assert small is not None and not large.done()
+        # Growth takes a whole step ahead when it is free, else just what is needed.
+        assert first.cover(7 * MiB + 512 * 1024)
+        assert first.cover(7 * MiB + 700 * 1024)  # 1 MiB more would not fit; 188 KiB does
+        assert budget.used == 7 * MiB + 700 * 1024 + 256 * 1024
+        first.release()
+        ok = await asyncio.wait_for(large, 1)
+        assert ok is not None
+        small.release()
+        ok.release()
+        assert budget.used == 0
+
     asyncio.run(scenario())
 
 

@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from sqlalchemy import select
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from ingest import schema
 from ingest.config import Settings, load_settings
@@ -220,7 +220,9 @@ def worker(
     setup_logging.connect(lambda **_: None, weak=False, dispatch_uid="ticketgate-logging")
     try:
         runtime.ingestor()  # schema upgrade and reference data before the first task
-    except DBAPIError as exc:  # the database is down: the first task builds it, as tasks retry
+    except (OperationalError, InterfaceError) as exc:
+        # Down or unreachable: the first task builds it (tasks retry these).  Any other
+        # database error, a failed migration say, still ends the worker.
         logging.getLogger("ticketgate.worker").warning(
             "database not reachable at start (%s); the pipeline is built on the first task",
             str(exc).splitlines()[0])

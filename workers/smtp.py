@@ -184,7 +184,7 @@ class PeerLimits:
 
 
 class DataBudget:
-    """Bytes of mail the listener may be holding at once, over all sessions.
+    """Bytes of mail the listener may be receiving at once, over all sessions.
 
     aiosmtpd kept a mail in memory about 3 times over while it arrived, and the spool write
     copies it again; fifty clients sending a 20 MB mail each took over 3 GB.  Here each DATA
@@ -253,14 +253,18 @@ class DataBudget:
         self._grant()
 
     def _grant(self) -> None:
-        while self._waiting:
-            size, granted = self._waiting[0]
-            if granted.done():  # cancelled
-                self._waiting.popleft()
+        """Serve the waiters in turn while they fit; past the first that does not, still serve
+        those of ordinary size that fit, as a new one of that size would be."""
+        blocked = False
+        for entry in list(self._waiting):
+            size, granted = entry
+            if granted.done():  # cancelled, or timed out
+                self._waiting.remove(entry)
                 continue
-            if self.used + size > self.limit:
-                return
-            self._waiting.popleft()
+            if self.used + size > self.limit or (blocked and size > UNDECLARED_SIZE):
+                blocked = True
+                continue
+            self._waiting.remove(entry)
             self.used += size
             granted.set_result(None)
 
@@ -277,11 +281,12 @@ class Reservation:
         for them (then the session must keep nothing more)."""
         if total <= self.size:
             return True
-        extra = max(total - self.size, BUDGET_GROWTH_BYTES)
-        if not self.budget.grow(extra):
-            return False
-        self.size += extra
-        return True
+        needed = total - self.size
+        for extra in (max(needed, BUDGET_GROWTH_BYTES), needed):  # a step ahead, or just enough
+            if self.budget.grow(extra):
+                self.size += extra
+                return True
+        return False
 
     def release(self) -> None:
         size, self.size = self.size, 0
@@ -573,9 +578,11 @@ class TicketgateSMTP(SMTP):
             open_line = open_line + len(block) if last_break < 0 else len(block) - last_break - 1
             if size_limit and received > size_limit:
                 too_much = True
-            if reservation is not None and not no_room and not reservation.cover(received):
-                no_room = True
-            if too_much or too_long or no_room:
+            refused = too_much or too_long
+            if reservation is not None and not refused and not no_room and (
+                    not reservation.cover(received)):
+                no_room = True  # refused data is read to its end, but takes no room
+            if refused or no_room:
                 kept.clear()  # keep nothing of refused data, but read it to its end
             else:
                 kept += block
@@ -780,7 +787,7 @@ class SpoolingHandler:
                          queue_id: str) -> bytes:
         """The trace line of RFC 5321 section 4.4, with the protocol names of RFC 3848 and
         RFC 6531 (``UTF8SMTPS`` for a transaction with SMTPUTF8 over TLS)."""
-        protocol = "ESMTP" if session.extended_smtp else "SMTP"
+        protocol = "ESMTP" if session.extended_smtp or session.ssl else "SMTP"  # STARTTLS: EHLO
         if getattr(envelope, "smtp_utf8", False):
             protocol = "UTF8SMTP"
         if session.ssl:
@@ -922,7 +929,10 @@ async def serve_smtp(ingestor: Ingestor, enqueue: Any, *, host: str | None = Non
     TicketgateSMTP.limits = PeerLimits.from_settings(settings)
     TicketgateSMTP.greeting_delay = settings.smtp.greeting_delay
     TicketgateSMTP.max_bad_recipients = settings.smtp.max_bad_recipients
-    budget = DataBudget(DATA_BUDGET_BYTES)
+    # Room for the largest mail the listener takes, however large max_message_bytes is (a
+    # reservation is capped at the budget); the wait for room ends before the idle timeout.
+    budget = DataBudget(max(DATA_BUDGET_BYTES, data_size_limit(settings)),
+                        wait_seconds=min(DATA_BUDGET_WAIT_SECONDS, settings.smtp.timeout / 2))
     _limit_memory(ingestor.engine)
 
     def factory() -> SMTP:

@@ -33,30 +33,36 @@ class Child:
 
     def start(self, env: dict[str, str]) -> None:
         self.process = subprocess.Popen(
-            self.argv, env=env, preexec_fn=functools.partial(die_with_parent, os.getpid()))
+            self.argv, env=env, preexec_fn=functools.partial(_role_dies_with, os.getpid()))
         log.info("started %s (pid %s)", self.name, self.process.pid)
 
 
 _PR_SET_PDEATHSIG = 1
+try:  # looked up here, not in a forked child
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux
+    _prctl = None
 
 
-def die_with_parent(parent: int | None = None, signum: int = signal.SIGTERM) -> None:
-    """Have Linux send this process ``signum`` when its parent dies (``PR_SET_PDEATHSIG``).
+def die_with_parent(signum: int = signal.SIGTERM) -> bool:
+    """Have Linux send this process ``signum`` when its parent dies (``PR_SET_PDEATHSIG``);
+    False where that cannot be asked.
 
     A ``serve`` killed with SIGKILL (or by the OOM killer) left its roles running under init,
     still holding the SMTP and HTTP ports, so the next ``serve`` could not bind them; a worker
     killed so left its embedded beat, and the restarted worker added a second one.  SIGTERM is
-    the signal each role already stops cleanly on.  ``parent``: the pid the parent had before
-    the fork; if it is already gone, the signal comes at once.  A no-op where there is no prctl.
-    """
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return
-    if prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
-        return
-    if parent is not None and os.getppid() != parent:
-        os.kill(os.getpid(), signum)
+    the signal each role already stops cleanly on."""
+    return _prctl is not None and _prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) == 0
+
+
+def _role_dies_with(parent: int) -> None:
+    """In a role's process between fork and exec: the supervisor's own SIGTERM handler (it
+    only sets a flag) is inherited until the exec, so it is reset first, or a signal sent
+    meanwhile would be lost.  A supervisor already gone by then: the role is not started."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if die_with_parent() and os.getppid() != parent:
+        os._exit(1)
 
 
 def role_command(role: str, *args: str) -> list[str]:
