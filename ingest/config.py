@@ -448,6 +448,10 @@ class HttpSection(_Strict):
     # Whole request body, checked before it is read (Content-Length) and while it streams.  A
     # JSON-escaped mail is larger than the mail, hence the margin over max_message_bytes.
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    # The request line and headers: their size, and the seconds a client has to send them
+    # (408 past that; slowly sent heads had held connections for good).
+    max_head_bytes: int = Field(default=64 * 1024, ge=4096)
+    head_timeout: float = Field(default=20.0, gt=0)
 
 
 class WorkerSection(_Strict):

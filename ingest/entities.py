@@ -34,7 +34,7 @@ from email.policy import compat32
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from sqlalchemy import (
     ColumnElement,
     and_,
@@ -712,7 +712,46 @@ def default_ticket_entity(session: Session, settings: Settings, tz: dt.tzinfo,
 # --- SuperOffice input ----------------------------------------------------------------------
 
 
-class _In(BaseModel):
+def text_problem(value: Any) -> str | None:
+    """What makes ``value`` (a string, or lists and dicts of them) text no database stores: a
+    lone UTF-16 surrogate, which a JSON escape such as ``\\ud800`` produces.  It reached the
+    driver and the caller got a 500; None when all is well."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return (f"not valid Unicode: a lone surrogate ({value[exc.start]!r}) at character "
+                    f"{exc.start}")
+        return None
+    if isinstance(value, dict):
+        items: Iterable[Any] = [*value.keys(), *value.values()]
+    elif isinstance(value, list | tuple):
+        items = value
+    else:
+        return None
+    return next((problem for item in items if (problem := text_problem(item))), None)
+
+
+class ValidText(BaseModel):
+    """A request body whose text can be stored: each field, and each undeclared one a model
+    keeps, is checked with :func:`text_problem` (a 400 naming the field)."""
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _storable(cls, value: Any) -> Any:
+        if problem := text_problem(value):
+            raise ValueError(problem)
+        return value
+
+    @model_validator(mode="after")
+    def _storable_extra(self) -> ValidText:
+        for name, value in (self.model_extra or {}).items():
+            if problem := text_problem(value):
+                raise ValueError(f"{name}: {problem}")
+        return self
+
+
+class _In(ValidText):
     # Unknown properties are ignored, as SuperOffice does; read-only ones are declared below so
     # they are type-checked and documented, and then ignored on save.
     model_config = ConfigDict(extra="ignore")
@@ -1407,7 +1446,7 @@ def compile_filter(filters: Any) -> ColumnElement[bool]:
     return _FilterCompiler().group(filters, "filter", 1, "and")
 
 
-class AutotaskQuery(BaseModel):
+class AutotaskQuery(ValidText):
     """The body of ``POST Tickets/query`` (and the ``search`` parameter of its GET form)."""
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)

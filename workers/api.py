@@ -50,8 +50,10 @@ from workers.http_guard import (
     AuthMiddleware,
     BodyLimitMiddleware,
     BodyTooLarge,
+    JsonMediaTypes,
     Principal,
     error_payload,
+    guarded_h11_protocol,
 )
 from workers.observability import ApiMetrics, health
 
@@ -112,9 +114,13 @@ TicketRow = _open_model("TicketRow", entities.GET_TICKETS_FIELDS,
                         "One GetTickets row (seed 002).")
 _AT_TYPES: dict[str, Any] = {"integer": Int32, "long": int, "string": str, "datetime": str,
                              "boolean": bool, "decimal": float}
+class _AutotaskBody(entities.ValidText):
+    model_config = ConfigDict(extra="allow", json_schema_extra={
+        "examples": [{"title": "Printer broken", "description": "Floor 2", "queueID": 1}]})
+
+
 AutotaskTicket = create_model(  # type: ignore[call-overload]
-    "AutotaskTicket", __config__=ConfigDict(extra="allow", json_schema_extra={
-        "examples": [{"title": "Printer broken", "description": "Floor 2", "queueID": 1}]}),
+    "AutotaskTicket", __base__=_AutotaskBody,
     **{f.name: (_AT_TYPES[f.type] | None, None) for f in entities.AUTOTASK_FIELDS})
 AutotaskTicket.__doc__ = "Autotask Tickets entity (seed 004): picklists as integer ids, UTC."
 
@@ -493,6 +499,7 @@ def create_app(ingestor: Ingestor) -> FastAPI:
 
     app.add_middleware(ResponseMiddleware, metrics=metrics)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.http.max_body_bytes)
+    app.add_middleware(JsonMediaTypes)
     app.add_middleware(AuthMiddleware, authenticator=authenticator)  # outermost: 401 first
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
@@ -576,5 +583,8 @@ def serve_api(ingestor: Ingestor, host: str | None = None, port: int | None = No
         log.warning("no [[api_user]] configured: demo mode, the API answers anonymous requests "
                     "from the loopback interface only (http://%s:%s)", host, port)
     config = uvicorn.Config(app, host=host, port=port, proxy_headers=False, server_header=False,
-                            access_log=False, log_config=None, timeout_graceful_shutdown=20)
+                            access_log=False, log_config=None, timeout_graceful_shutdown=20,
+                            http=guarded_h11_protocol(settings.http.head_timeout,
+                                                      settings.http.max_head_bytes),
+                            h11_max_incomplete_event_size=settings.http.max_head_bytes)
     uvicorn.Server(config).run()

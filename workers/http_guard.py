@@ -307,3 +307,100 @@ class BodyLimitMiddleware:
             if started:
                 raise
             await send_json(send, 413, self._too_large(path), [(b"connection", b"close")])
+
+
+# --- the connection, below the application --------------------------------------------------
+
+
+def guarded_h11_protocol(head_timeout: float, max_head_bytes: int) -> type[Any]:
+    """uvicorn's h11 protocol with a deadline for each request head, and its framing errors
+    answered in the API's error shape instead of uvicorn's plain-text 400.
+
+    uvicorn has no deadline for a request head: clients sending one header line every few
+    seconds held their connections for good, and 20,000 of them took every file descriptor of
+    the process.  Here a head must be complete within ``head_timeout`` seconds of the
+    connection (or of the previous response on it), else the client gets 408 and the
+    connection is closed.  The head's size is bounded by uvicorn's
+    ``h11_max_incomplete_event_size`` (``max_head_bytes``, for the message): its default
+    parser had taken a 300 MiB header whole, spending a core on it for minutes.
+
+    Given to uvicorn as ``http=``; built here rather than at import so that importing this
+    module does not import uvicorn."""
+    import asyncio
+
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):  # type: ignore[misc]
+        _head_deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm_head_deadline()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:  # the head is in: the app has it now
+                self._disarm_head_deadline()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm_head_deadline()  # the next request's head, on a kept-alive connection
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm_head_deadline()
+            super().connection_lost(exc)
+
+        def send_400_response(self, msg: str) -> None:
+            _send_raw_error(self.transport, 400, "InvalidHttp",
+                            f"{msg.rstrip('.')}: the request's framing or head is malformed, "
+                            f"or its head is over {max_head_bytes} bytes")
+
+        def _arm_head_deadline(self) -> None:
+            self._disarm_head_deadline()
+            self._head_deadline = self.loop.call_later(head_timeout, self._head_too_slow)
+
+        def _disarm_head_deadline(self) -> None:
+            if self._head_deadline is not None:
+                self._head_deadline.cancel()
+                self._head_deadline = None
+
+        def _head_too_slow(self) -> None:
+            self._head_deadline = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                _send_raw_error(self.transport, 408, "RequestTimeout",
+                                f"no complete request head within {head_timeout:g} s")
+
+    return GuardedH11Protocol
+
+
+def _send_raw_error(transport: Any, status: int, code: str, message: str) -> None:
+    """An error in the API's shape written straight to the connection, which is then closed
+    (for what goes wrong before a request reaches the application)."""
+    body = json.dumps(error_payload(status, code, message)).encode()
+    reason = {400: b"Bad Request", 408: b"Request Timeout"}[status]
+    transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n"
+                    b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+                    % (status, reason, len(body), body))
+    transport.close()
+
+
+class JsonMediaTypes:
+    """``text/json`` bodies read as JSON: the SuperOffice documents (seeds 001-003) list it
+    beside ``application/json``, and FastAPI took such a body for no JSON at all."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = scope["headers"]
+            for i, (name, value) in enumerate(headers):
+                if name == b"content-type" and value.split(b";", 1)[0].strip().lower() == (
+                        b"text/json"):
+                    headers = list(headers)
+                    headers[i] = (name, b"application/json" + value[len(value.split(b";", 1)[0]):])
+                    scope = {**scope, "headers": headers}
+                    break
+        await self.app(scope, receive, send)
